@@ -1,14 +1,141 @@
-"""Dispatch for the fused quantized linear (to be replaced by the Triton paths; the signature is fixed).
+"""The fused quantized linear y = x @ dequant(Q)^T + x @ H^T (+ bias): dispatch, custom op, entry points.
 
-qlinear(x [..., K] fp16/bf16/fp32, qweight int32 [N, Kp/32*bits], scales fp16 [N, G], zeros uint8 [N, G] | None,
-        outlier_idx int16/int32 [N, R] | None, outlier_val fp16 [N, R] | None, bias [N] | None,
-        bits, group_size, in_features) -> y [..., N] in x's dtype
+How runtimes call it (vLLM process_weights_after_loading / transformers post-load, then every forward):
+
+    p = prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)  # once
+    y = qlinear_prepared(x, p, bias)                                                                       # per call
+
+  p is a plain dict: tensors plane0, plane1, scales, zeros, outlier_idx, outlier_val (any may be None except
+  plane0/scales) and ints bits, group_size, in_features, out_features.  Keep the tensors on the module
+  (e.g. as buffers) and rebuild the dict, or keep the dict itself.  qlinear_prepared goes through the
+  custom op torch.ops.quantease.qlinear (with a fake impl), so it is safe under torch.compile and CUDA-graph
+  capture: no allocation besides the output, no autotuning, configs picked from a table by M.
+
+  qlinear(x, qweight, scales, zeros, outlier_idx, outlier_val, bias, bits, group_size, in_features) still
+  takes the checkpoint layout: on CPU it runs the torch reference directly; elsewhere it prepares (cached
+  per qweight tensor, eager only) and calls the op.
+
+Backend: "auto" (CUDA tensors -> Triton, CPU -> torch reference), "triton" (also CPU tensors when
+TRITON_INTERPRET=1: that is how CI tests the kernels), "torch".  Pass backend= or set QUANTEASE_KERNEL_BACKEND.
+Triton path: GEMV (kernels/gemv.py) for M <= GEMV_MAX_M rows, else GEMM (kernels/gemm.py).
 """
+import os
+from typing import Optional
+
+import torch
+
+from quantease.errors import QuantEaseError
+from quantease.kernels.prepare import dequantize_prepared, prepare_weights
 from quantease.kernels.reference import qlinear_reference
+
+BACKEND_ENV = "QUANTEASE_KERNEL_BACKEND"
+BACKENDS = ("auto", "triton", "torch")
+GEMV_MAX_M = 4  # rows of x up to which the CUDA-core GEMV beats the tensor-core GEMM (H100, benchmarks/kernels.py)
+TENSORS = ("plane0", "plane1", "scales", "zeros", "outlier_idx", "outlier_val")
+
+
+def pick_backend(x, backend=None):
+    name = backend or os.environ.get(BACKEND_ENV, "auto")
+    if name not in BACKENDS:
+        raise QuantEaseError(f"kernel backend {name!r} is not one of {BACKENDS} (argument or ${BACKEND_ENV})")
+    if name == "auto":
+        return "triton" if x.is_cuda else "torch"
+    if name == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise QuantEaseError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    return name
+
+
+def _forward(x2d, p, bias, backend, out=None):
+    """x2d [M, K] -> [M, N] in x's dtype; out (optional, [M, N]) is written when given."""
+    m, n = x2d.shape[0], p["out_features"]
+    if backend == "torch":
+        w = dequantize_prepared(p)
+        y = x2d.to(torch.float32) @ w.t()
+        if bias is not None:
+            y += bias.to(torch.float32)
+        y = y.to(x2d.dtype)
+        if out is None:
+            return y
+        return out.copy_(y)
+    from quantease.kernels import gemm, gemv  # triton imported only when the Triton path runs
+
+    if out is None:
+        out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    if m == 0:
+        return out
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    if m <= GEMV_MAX_M:
+        return gemv.qgemv(x2d, p, bias, out)
+    return gemm.qgemm(x2d, p, bias, out)
+
+
+def _check_x(x, p, bias):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise QuantEaseError(f"qlinear takes float16/bfloat16/float32 activations, got {x.dtype}")
+    if x.shape[-1] != p["in_features"]:
+        raise QuantEaseError(f"x has {x.shape[-1]} input features, the layer has {p['in_features']}")
+    if x.device != p["plane0"].device:
+        raise QuantEaseError(f"x is on {x.device} but the weights are on {p['plane0'].device}")
+    if bias is not None and tuple(bias.shape) != (p["out_features"],):
+        raise QuantEaseError(f"bias shape {tuple(bias.shape)} != ({p['out_features']},)")
+
+
+def _as_dict(plane0, plane1, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+    return dict(plane0=plane0, plane1=plane1, scales=scales, zeros=zeros, outlier_idx=outlier_idx,
+                outlier_val=outlier_val, bits=bits, group_size=group_size, in_features=in_features,
+                out_features=plane0.shape[0])
+
+
+@torch.library.custom_op("quantease::qlinear", mutates_args=())
+def qlinear_op(x: torch.Tensor, plane0: torch.Tensor, plane1: Optional[torch.Tensor], scales: torch.Tensor,
+               zeros: Optional[torch.Tensor], outlier_idx: Optional[torch.Tensor],
+               outlier_val: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    p = _as_dict(plane0, plane1, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+    shape = x.shape
+    y = _forward(x.reshape(-1, shape[-1]), p, bias, pick_backend(x))
+    return y.reshape(*shape[:-1], p["out_features"])
+
+
+@qlinear_op.register_fake
+def _(x, plane0, plane1, scales, zeros, outlier_idx, outlier_val, bias, bits, group_size, in_features):
+    return x.new_empty(*x.shape[:-1], plane0.shape[0])
+
+
+def qlinear_prepared(x, prepared, bias=None, backend=None, out=None):
+    """x [..., K] -> y [..., N] in x's dtype, from prepare_weights' dict.
+
+    backend=None/"auto" goes through torch.ops.quantease.qlinear; "triton"/"torch" call that path directly
+    (tests); out= (2-D x only, direct paths only) is written in place, for poisoned-output tests."""
+    p = prepared
+    _check_x(x, p, bias)
+    if backend in (None, "auto") and out is None:
+        return torch.ops.quantease.qlinear(x, *(p[t] for t in TENSORS), bias,
+                                          p["bits"], p["group_size"], p["in_features"])
+    shape = x.shape
+    y = _forward(x.reshape(-1, shape[-1]), p, bias, pick_backend(x, backend), out)
+    return y.reshape(*shape[:-1], p["out_features"])
+
+
+def _cached_prepare(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+    parts = (qweight, scales, zeros, outlier_idx, outlier_val)
+    key = tuple((t.data_ptr(), t._version) if t is not None else None for t in parts) + (bits, group_size,
+                                                                                            in_features)
+    # kept on the qweight tensor itself: it lives exactly as long as the weight
+    hit = getattr(qweight, "_quantease_prepared", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    p = prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+    qweight._quantease_prepared = (key, p)
+    return p
 
 
 def qlinear(x, qweight, scales, zeros, outlier_idx, outlier_val, bias, bits, group_size, in_features):
-    shape = x.shape
-    y = qlinear_reference(x.reshape(-1, shape[-1]), qweight, scales, zeros, outlier_idx, outlier_val, bias,
-                          bits, group_size, in_features)
-    return y.reshape(*shape[:-1], y.shape[-1])
+    """Checkpoint layout in, y [..., N] in x's dtype out (see the module docstring)."""
+    if pick_backend(x) == "torch":
+        shape = x.shape
+        y = qlinear_reference(x.reshape(-1, shape[-1]), qweight, scales, zeros, outlier_idx, outlier_val, bias,
+                              bits, group_size, in_features)
+        return y.reshape(*shape[:-1], y.shape[-1])
+    p = _cached_prepare(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+    return qlinear_prepared(x, p, bias)

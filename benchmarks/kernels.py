@@ -1,0 +1,268 @@
+"""GPU benchmark of the fused 3-bit linear (quantease.kernels) against fp16 F.linear (cuBLAS), same run.
+
+    PYTHONPATH=$PWD python3 benchmarks/kernels.py --check --sweep --bench --out $OUT
+    python benchmarks/kernels.py --plot benchmarks/results/kernels.csv     # anywhere with matplotlib
+
+Timing: every variant is captured in a CUDA graph that calls it once per weight copy, the copies rotating over
+>= 512 MB so that L2 (50 MB) is cold; median over graph replays, divided by the copies per replay.
+GB/s counts the bytes a call must move: packed weight + scales/zeros + outlier slots + x + y.
+"""
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672))
+MS = (1, 4, 16, 64, 256)
+FRACTIONS = (0.0, 0.005, 0.01)
+ROTATE_BYTES = 512 << 20
+
+
+def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0):
+    """Random checkpoint tensors (every bit pattern is a valid code) -> prepared dict + checkpoint tuple."""
+    from quantease.format import layout
+    from quantease.kernels import prepare_weights
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    words = layout.padded_k(k) // 32 * bits
+    qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, words), generator=g, device=device, dtype=torch.int32)
+    ng = layout.num_groups(k, group_size)
+    scales = (torch.rand(n, ng, generator=g, device=device) * 0.02 + 0.005).half()
+    r = layout.outlier_slots(k, fraction)
+    idx = val = None
+    if r:
+        idx = torch.sort(torch.randint(0, k, (n, r), generator=g, device=device), 1).values
+        idx = idx.to(layout.index_dtype(k))
+        val = torch.randn(n, r, generator=g, device=device).half()
+    ckpt = (qweight, scales, None, idx, val)
+    return prepare_weights(*ckpt, bits, group_size, k), ckpt
+
+
+def weight_bytes(p):
+    return sum(t.numel() * t.element_size() for name, t in p.items()
+               if isinstance(t, torch.Tensor))
+
+
+def copies(p, count):
+    out = [p]
+    for _ in range(count - 1):
+        out.append({kk: (v.clone() if isinstance(v, torch.Tensor) else v) for kk, v in p.items()})
+    return out
+
+
+def graph_time(calls, replays=20):
+    """Median microseconds per call: all calls captured once in a CUDA graph, the graph replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:  # warm-up: compile, autotune-free first launches
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / len(calls))
+    return statistics.median(times)
+
+
+def n_copies(nbytes):
+    return max(2, min(128, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+def time_fp16(n, k, m, cache):
+    key = (n, k, m)
+    if key not in cache:
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        ws = [w] + [w.clone() for _ in range(n_copies(w.numel() * 2) - 1)]
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        cache[key] = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+        del ws, w
+    return cache[key]
+
+
+def time_kernel(p, m, run, dtype=torch.float16):
+    ps = copies(p, n_copies(weight_bytes(p)))
+    x = torch.randn(m, p["in_features"], device="cuda", dtype=dtype)
+    out = torch.empty(m, p["out_features"], device="cuda", dtype=dtype)
+    us = graph_time([lambda q=q: run(x, q, out) for q in ps])
+    del ps
+    return us
+
+
+def run_default(x, p, out):
+    from quantease.kernels import ops
+
+    return ops._forward(x, p, None, "triton", out)
+
+
+def check(args):
+    """GPU results vs the float64 reference on the benchmark shapes (one weight each)."""
+    from quantease.kernels import dequantize_prepared
+
+    print("check: relative error vs float64 reference (tolerance fp16 3e-3, bf16 1.5e-2)")
+    worst = 0.0
+    for n, k in SHAPES:
+        for fraction, group_size in ((0.01, -1), (0.005, 128)):
+            p, _ = make_prepared(n, k, 3, group_size, fraction, seed=1)
+            w64 = dequantize_prepared(p).double()
+            for m in (1, 5, 16, 64, 256):
+                for dtype in (torch.float16, torch.bfloat16):
+                    x = torch.randn(m, k, device="cuda").to(dtype)
+                    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                    y = run_default(x, p, out)
+                    ref = x.double() @ w64.t()
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    ok = torch.isfinite(y).all().item() and err < (3e-3 if dtype == torch.float16 else 1.5e-2)
+                    worst = max(worst, err)
+                    if not ok:
+                        print(f"  FAIL {n}x{k} g={group_size} frac={fraction} M={m} {dtype}: err={err:.2e}")
+            del w64, p
+    print(f"check: worst relative error {worst:.2e}")
+
+
+def sweep(args, writer):
+    """Time candidate configs of each path on two shapes; prints the best per M (fills the CONFIGS tables)."""
+    from quantease.kernels import gemm, gemv
+
+    gemv_cfgs = [(16, 2, 4, 3), (16, 4, 4, 3), (32, 2, 4, 3), (32, 4, 4, 3), (64, 2, 4, 3), (16, 4, 2, 3),
+                 (32, 4, 2, 3), (8, 4, 1, 3), (16, 2, 2, 3), (32, 2, 8, 3), (32, 4, 4, 2), (64, 4, 8, 3)]
+    gemm_cfgs = {16: [(16, 64, 8, 4, 4, 8), (16, 128, 8, 4, 4, 8), (16, 64, 16, 4, 3, 8), (16, 32, 16, 4, 4, 8),
+                      (16, 128, 4, 4, 5, 8), (16, 256, 8, 8, 3, 8)],
+                 64: [(64, 64, 8, 4, 4, 8), (64, 128, 4, 4, 4, 8), (64, 128, 8, 8, 3, 8), (64, 64, 16, 4, 3, 8),
+                      (32, 128, 8, 4, 4, 8)],
+                 256: [(128, 128, 4, 8, 3, 8), (128, 256, 4, 8, 3, 8), (128, 128, 8, 8, 3, 8), (64, 128, 8, 4, 4, 8),
+                       (128, 64, 8, 4, 4, 8), (256, 128, 4, 8, 3, 8)]}
+    fp16 = {}
+    for n, k in ((8192, 8192), (28672, 8192)):
+        p, _ = make_prepared(n, k, 3, -1, 0.0)
+        for m in (1, 2, 4, 16):
+            base = time_fp16(n, k, m, fp16)
+            res = []
+            variants = [(cfg, True, True) for cfg in gemv_cfgs] if m <= 4 else []
+            if m == 1:  # what the in-place unpack and the LOP3 asm buy
+                variants += [(gemv_cfgs[3], False, True), (gemv_cfgs[3], True, False)]
+            for cfg, inplace, asm in variants:
+                try:
+                    us = time_kernel(p, m, lambda x, q, o: gemv.qgemv(x, q, None, o, cfg, inplace, asm))
+                except Exception as e:  # a config the compiler rejects (registers, shared memory)
+                    print(f"  gemv {cfg} failed: {str(e).splitlines()[0][:80]}")
+                    continue
+                res.append((us, f"gemv{cfg} inplace={inplace} asm={asm}"))
+            for cfg in gemm_cfgs[16] if m > 1 else []:
+                us = time_kernel(p, m, lambda x, q, o: gemm.qgemm(x, q, None, o, cfg))
+                res.append((us, f"gemm{cfg}"))
+            res.sort()
+            for us, name in res[:4]:
+                print(f"sweep {n}x{k} M={m}: {us:7.1f} us  {base / us:4.2f}x fp16  {name}")
+            for us, name in res:
+                writer.writerow(["sweep", n, k, m, 0.0, name, f"{us:.2f}", "", f"{base / us:.3f}"])
+            print(f"  (fp16 {base:.1f} us; {len(res)} variants)")
+        for m in (64, 256):
+            base = time_fp16(n, k, m, fp16)
+            res = []
+            for cfg in gemm_cfgs[m]:
+                us = time_kernel(p, m, lambda x, q, o: gemm.qgemm(x, q, None, o, cfg))
+                res.append((us, f"gemm{cfg}"))
+            res.sort()
+            for us, name in res[:3]:
+                print(f"sweep {n}x{k} M={m}: {us:7.1f} us  {base / us:4.2f}x fp16  {name}")
+            for us, name in res:
+                writer.writerow(["sweep", n, k, m, 0.0, name, f"{us:.2f}", "", f"{base / us:.3f}"])
+        del p
+
+
+def bench(args, writer):
+    fp16 = {}
+    rows = []
+    for n, k in SHAPES:
+        for fraction in FRACTIONS:
+            p, _ = make_prepared(n, k, 3, -1, fraction)
+            wb = weight_bytes(p)
+            for m in MS:
+                base = time_fp16(n, k, m, fp16)
+                us = time_kernel(p, m, run_default)
+                gbs = (wb + 2 * m * (n + k)) / us / 1e3
+                rows.append((n, k, m, fraction, us, gbs, base))
+                writer.writerow(["bench", n, k, m, fraction, "default", f"{us:.2f}", f"{gbs:.0f}", f"{base / us:.3f}",
+                                 f"{base:.2f}"])
+            del p
+    print("\n| N x K | M | fp16 us | 3b us | 3b+0.5% us | 3b+1% us | GB/s (0%) | speedup 0% / 0.5% / 1% |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, k in SHAPES:
+        for m in MS:
+            r = {f: x for x in rows if x[0] == n and x[1] == k and x[2] == m for f in [x[3]]}
+            base = r[0.0][6]
+            print(f"| {n}x{k} | {m} | {base:.1f} | {r[0.0][4]:.1f} | {r[0.005][4]:.1f} | {r[0.01][4]:.1f} | "
+                  f"{r[0.0][5]:.0f} | {base / r[0.0][4]:.2f} / {base / r[0.005][4]:.2f} / {base / r[0.01][4]:.2f} |")
+
+
+def plot(path, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in csv.reader(open(path)) if r and r[0] == "bench"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, fraction in zip(axes, FRACTIONS):
+        for n, k in SHAPES:
+            pts = sorted((int(r[3]), float(r[8])) for r in rows
+                         if int(r[1]) == n and int(r[2]) == k and float(r[4]) == fraction)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{n}x{k}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_title(f"3-bit per-channel, {fraction * 100:g}% outliers")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speedup over fp16 F.linear")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--plot", metavar="CSV")
+    args = ap.parse_args()
+    if args.plot:
+        plot(args.plot, os.path.join(os.path.dirname(__file__), "plots", "kernels_speedup.png"))
+        return
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
+    t0 = time.time()
+    if args.check:
+        check(args)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+    with open(os.path.join(args.out, "kernels.csv"), "a", newline="") as f:
+        writer = csv.writer(f)
+        if args.sweep:
+            sweep(args, writer)
+            print(f"[{time.time() - t0:.0f}s]", flush=True)
+        if args.bench:
+            bench(args, writer)
+            print(f"[{time.time() - t0:.0f}s]", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

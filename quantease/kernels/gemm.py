@@ -1,0 +1,184 @@
+"""GEMM path (prefill, M > 4): dequantized weight tiles into tl.dot, fp32 accumulation.
+
+Reads the block layout of kernels/prepare.py.  Program (pid_m, pid_n) owns a [BM, BN] output tile and walks
+K one 256-column block at a time: it loads the block's [BN, WPB] plane words once, and for each code slot j
+(unrolled) unpacks a [BN, WPB] tile in the load's own layout -- columns 256 b + j WPB + q, q < WPB, contiguous,
+so the matching x tile is a plain contiguous load and no reshape or gather is needed -- and issues
+tl.dot(x_j [BM, WPB], w_j^T).  3-bit per-channel tiles use the GEMV's in-place unpack (two LOP3s and one FMA
+per weight give c - z exactly).  Integer (code - zero) values are exact in fp16/bf16, so for per-channel grids
+and groups of whole blocks (group_size % 256 == 0) the scale multiplies the fp32 partial product instead of
+rounding s * (c - z) to 16 bits.  Other group sizes dequantize per element.  Outliers are added after the K
+loop by gathering x at each row's R slot columns.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from quantease.kernels.gemv import _merge
+
+
+# (BM, BN, num_warps, num_stages, GROUP_M) by M bucket; chosen ahead on the H100 (benchmarks/kernels.py)
+CONFIGS = {
+    16: (16, 64, 4, 3, 8),
+    32: (32, 64, 4, 3, 8),
+    64: (64, 64, 4, 3, 8),
+    128: (128, 64, 4, 3, 8),
+    256: (128, 128, 8, 3, 8),
+}
+
+
+def pick_config(m):
+    for bucket in sorted(CONFIGS):
+        if m <= bucket:
+            return CONFIGS[bucket]
+    return CONFIGS[max(CONFIGS)]
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # float32 operands: full-precision products, not tf32
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
+                 M, N, K, R, group_size,
+                 stride_xm, stride_ym, stride_p0, stride_p1, stride_s, stride_z, stride_oi, stride_ov,
+                 BITS: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 GROUP_MODE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 INPLACE: tl.constexpr, ASM: tl.constexpr, IEEE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr):
+    # GROUP_MODE 0: per channel; 1: groups of whole 256-column blocks; 2: per element
+    PW: tl.constexpr = 32 // W0  # code slots per word
+    WPB: tl.constexpr = 8 * W0  # plane-0 words per block = columns per slot
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    # grouped ordering: programs that run together share weight tiles in L2
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    q = tl.arange(0, WPB)
+    hcol = (q // 16) * 8 + (q % 8)  # 3-bit: the plane-1 word of each plane-0 word
+    hsh = (q % 16) // 8
+    # IEEE: float32 operands (float32 activations; bf16 under the interpreter, whose bf16 dot is broken)
+    dtype = tl.float32 if IEEE else x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if HAS_ZEROS:
+        zn = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32)
+    else:
+        zn = tl.full((BN,), ZERO, tl.float32)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    for blk in range(0, tl.cdiv(K, 256)):
+        a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=mask_n[:, None], other=0)
+        if BITS == 3:
+            hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
+                         other=0) >> hsh[None, :]
+            if INPLACE:
+                a_hi = a >> 16
+                h_hi = hs >> 16
+                h_15 = hs << 16
+        if GROUP_MODE == 1:
+            g = (blk * 256) // group_size
+            sb = tl.load(s_ptr + offs_n * stride_s + g, mask=mask_n, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zb = tl.load(z_ptr + offs_n * stride_z + g, mask=mask_n, other=0).to(tl.float32)
+            else:
+                zb = tl.full((BN,), ZERO, tl.float32)
+        else:
+            zb = zn
+        part = tl.zeros((BM, BN), dtype=tl.float32)
+        for j in tl.static_range(PW):
+            kx = blk * 256 + j * WPB + q
+            x = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx < K)[None, :], other=0.0).to(dtype)
+            if BITS == 3 and INPLACE:
+                p = 2 * (j % 8)
+                if j < 8:
+                    bits = _merge(a, 3 << p, hs, 4 << p, ASM)
+                elif j < 15:
+                    bits = _merge(a_hi, 3 << p, h_hi, 4 << p, ASM)
+                else:
+                    bits = _merge(a_hi, 3 << p, h_15, 4 << p, ASM)
+                # (2**23 + c 2**p) 2**-p - (2**(23-p) + z) == c - z exactly
+                c = bits.to(tl.float32, bitcast=True) * (1.0 / (1 << p)) - (zb[:, None] + (1 << (23 - p)))
+            else:
+                c = (a >> (W0 * j)) & ((1 << W0) - 1)
+                if BITS == 3:
+                    c = c | (((hs >> ((2 * j + 2) % 32)) & 1) << 2)
+                c = c.to(tl.float32) - zb[:, None]
+            if GROUP_MODE == 2:
+                g = kx // group_size
+                gmask = mask_n[:, None] & (kx < K)[None, :]
+                s_e = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=gmask, other=0.0)
+                if HAS_ZEROS:
+                    z_e = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=gmask, other=0)
+                    c = c + zb[:, None] - z_e.to(tl.float32)
+                else:
+                    c = c + zb[:, None] - ZERO
+                c = c * s_e.to(tl.float32)
+            part = _dot(x, tl.trans(c.to(dtype)), part, IEEE)
+        if GROUP_MODE == 1:
+            acc += part * sb[None, :]
+        else:
+            acc += part
+    if GROUP_MODE == 0:
+        s = tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * s[None, :]
+    if HAS_OUTLIERS:
+        for r0 in range(0, R, BR):
+            offs_r = r0 + tl.arange(0, BR)
+            rmask = mask_n[:, None] & (offs_r[None, :] < R)
+            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0).to(tl.int32)
+            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+            xg = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + idx[None, :, :],
+                         mask=mask_m[:, None, None] & rmask[None, :, :], other=0.0)
+            acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def group_mode(group_size):
+    if group_size == -1:
+        return 0
+    return 1 if group_size % 256 == 0 else 2
+
+
+def qgemm(x, p, bias, out, config=None, inplace=True, asm=True):
+    """x [M, K] (stride(1) == 1), prepared dict p, bias [N] | None, out [M, N] -> out."""
+    m, k = x.shape
+    n = p["out_features"]
+    bm, bn, warps, stages, group_m = config or pick_config(m)
+    bits = p["bits"]
+    mode = group_mode(p["group_size"])
+    plane1 = p["plane1"] if p["plane1"] is not None else p["plane0"]
+    zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
+    has_out = oi is not None
+    r = oi.shape[1] if has_out else 0
+    # keep the [BM, BN, BR] gather tile near 64 values a thread
+    br = max(1, min(triton.next_power_of_2(max(r, 1)), 64 * 32 * warps // (bm * bn)))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    qgemm_kernel[grid](
+        x, out, p["plane0"], plane1, p["scales"], zeros if zeros is not None else p["scales"],
+        oi if has_out else p["plane0"], ov if has_out else p["scales"], bias if bias is not None else p["scales"],
+        m, n, k, r, p["group_size"],
+        x.stride(0), out.stride(0), p["plane0"].stride(0), plane1.stride(0), p["scales"].stride(0),
+        zeros.stride(0) if zeros is not None else 0, oi.stride(0) if has_out else 0, ov.stride(0) if has_out else 0,
+        BITS=bits, W0=2 if bits == 3 else bits, ZERO=2 ** (bits - 1), HAS_ZEROS=zeros is not None,
+        GROUP_MODE=mode, HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None,
+        INPLACE=inplace and bits == 3 and mode != 2, ASM=asm and x.is_cuda,
+        IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not x.is_cuda),
+        BM=bm, BN=bn, BR=br,
+        GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    return out

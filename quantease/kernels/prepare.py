@@ -1,0 +1,125 @@
+"""Load-time repack: checkpoint layout (quantease/format/layout.py) -> the layout the kernels read.
+
+Rows are cut into blocks of BLOCK = 256 input columns (zero-padded at the end).  Inside a block the codes are
+interleaved so that one shift amount serves a whole row of words and the matching x values are contiguous:
+
+    plane0  int32 [N, nblocks * 8 * w]    w = width of the lowest plane (2 for 3-bit, else bits); WPB = 8 * w
+            word q (0 <= q < WPB) of block b holds codes k = 256 b + j WPB + q at bits w j, j < 32 / w
+    plane1  int32 [N, nblocks * 8]        3-bit only: bit 2 of the codes, 32 per word
+            word h (0 <= h < 8) of block b: bit (2j + 2) % 32 <- code 256 b + 16 j + h,
+                                             bit (2j + 3) % 32 <- code 256 b + 16 j + h + 8     (j < 16)
+            so (plane1 >> (q // 8)) has code (q, j)'s bit 2 exactly 2 bits above its two low bits in plane0
+            (after the same >> 16 for j >= 8): two LOP3s build the whole 3-bit code in place.
+
+Scales stay fp16 [N, G], zeros stay uint8 [N, G] (or None: symmetric), outliers stay ELL (int16/int32 idx,
+fp16 val).  Bytes are the checkpoint's, plus < 256 columns of padding per row.
+"""
+import torch
+
+from quantease.errors import QuantEaseError
+from quantease.format import layout
+
+
+def _check(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+    if bits not in layout.SUPPORTED_BITS:
+        raise QuantEaseError(f"bits={bits} is not supported; choose one of {layout.SUPPORTED_BITS}")
+    if group_size != -1 and group_size <= 0:
+        raise QuantEaseError(f"group_size={group_size} must be -1 or positive")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise QuantEaseError(f"qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[0]
+    want = layout.padded_k(in_features) // layout.RUN * bits
+    if qweight.shape[1] != want:
+        raise QuantEaseError(f"qweight has {qweight.shape[1]} words per row; in_features={in_features} at "
+                             f"{bits} bits needs {want}")
+    g = layout.num_groups(in_features, group_size)
+    if tuple(scales.shape) != (n, g):
+        raise QuantEaseError(f"scales shape {tuple(scales.shape)} != ({n}, {g}) for group_size={group_size}")
+    if zeros is not None and tuple(zeros.shape) != (n, g):
+        raise QuantEaseError(f"zeros shape {tuple(zeros.shape)} != ({n}, {g})")
+    if (outlier_idx is None) != (outlier_val is None):
+        raise QuantEaseError("outlier_idx and outlier_val must be given together")
+    if outlier_idx is not None:
+        if outlier_idx.shape != outlier_val.shape or outlier_idx.dim() != 2 or outlier_idx.shape[0] != n:
+            raise QuantEaseError(f"outlier_idx {tuple(outlier_idx.shape)} / outlier_val "
+                                 f"{tuple(outlier_val.shape)} must both be [{n}, R]")
+        if outlier_idx.dtype not in (torch.int16, torch.int32):
+            raise QuantEaseError(f"outlier_idx must be int16 or int32, got {outlier_idx.dtype}")
+
+
+BLOCK = 256
+
+
+def _pack_block_planes(codes, bits):
+    """uint8/int codes [N, Kb] (Kb a multiple of BLOCK) -> (plane0, plane1 | None) in the block layout."""
+    n, kb = codes.shape
+    c = codes.to(torch.int32).view(n, kb // BLOCK, BLOCK)
+    w = 2 if bits == 3 else bits
+    wpb = 8 * w
+    lo = (c & ((1 << w) - 1)).view(n, -1, 32 // w, wpb)  # [N, blocks, j, q]
+    plane0 = torch.zeros(n, kb // BLOCK, wpb, dtype=torch.int32, device=codes.device)
+    for j in range(32 // w):
+        plane0 |= lo[:, :, j, :] << (w * j)
+    plane1 = None
+    if bits == 3:
+        hi = ((c >> 2) & 1).view(n, -1, 16, 16)  # [N, blocks, j, q]
+        plane1 = torch.zeros(n, kb // BLOCK, 8, dtype=torch.int32, device=codes.device)
+        for j in range(16):
+            plane1 |= hi[:, :, j, :8] << ((2 * j + 2) % 32)
+            plane1 |= hi[:, :, j, 8:] << ((2 * j + 3) % 32)
+        plane1 = plane1.view(n, -1)
+    return plane0.view(n, -1), plane1
+
+
+def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+    """Checkpoint tensors -> dict the kernels read (qlinear_prepared).  Call once at load time.
+
+    Keys: plane0, plane1 (None unless 3-bit), scales, zeros (None if symmetric), outlier_idx, outlier_val
+    (None if no outliers or R == 0), bits, group_size, in_features, out_features."""
+    _check(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+    n = qweight.shape[0]
+    kb = (in_features + BLOCK - 1) // BLOCK * BLOCK
+    codes = torch.zeros(n, kb, dtype=torch.uint8, device=qweight.device)
+    codes[:, :in_features] = layout.unpack_codes(qweight, bits, in_features)
+    plane0, plane1 = _pack_block_planes(codes, bits)
+    if outlier_idx is not None and outlier_idx.shape[1] == 0:
+        outlier_idx = outlier_val = None
+    return dict(
+        plane0=plane0, plane1=plane1,
+        scales=scales.contiguous(),
+        zeros=None if zeros is None else zeros.contiguous(),
+        outlier_idx=None if outlier_idx is None else outlier_idx.contiguous(),
+        outlier_val=None if outlier_val is None else outlier_val.contiguous(),
+        bits=bits, group_size=group_size, in_features=in_features, out_features=n)
+
+
+def codes_from_planes(plane0, plane1, bits, k):
+    """Prepared planes -> integer codes [N, k] (int32); the inverse of the repack, for the torch path."""
+    n = plane0.shape[0]
+    w = 2 if bits == 3 else bits
+    wpb = 8 * w
+    words = plane0.view(n, -1, 1, wpb)  # [N, blocks, 1, q]
+    shifts = (torch.arange(32 // w, device=plane0.device, dtype=torch.int32) * w).view(1, 1, -1, 1)
+    codes = (words >> shifts) & ((1 << w) - 1)  # [N, blocks, j, q]
+    if bits == 3:
+        h = plane1.view(n, -1, 1, 8)
+        j = torch.arange(16, device=plane0.device, dtype=torch.int32).view(1, 1, -1, 1)
+        first = (h >> ((2 * j + 2) % 32)) & 1
+        second = (h >> ((2 * j + 3) % 32)) & 1
+        codes = codes | (torch.cat([first, second], dim=3) << 2)
+    return codes.reshape(n, -1)[:, :k]
+
+
+def dequantize_prepared(p, dtype=torch.float32):
+    """Prepared dict -> dense weight [N, K] (float32 math, same as layout.dequantize_packed)."""
+    k, bits, group_size = p["in_features"], p["bits"], p["group_size"]
+    codes = codes_from_planes(p["plane0"], p["plane1"], bits, k).to(torch.float32)
+    g = k if group_size == -1 else group_size
+    cols = torch.arange(k, device=codes.device) // g
+    s = p["scales"].to(torch.float32)[:, cols]
+    z = (p["zeros"].to(torch.float32)[:, cols] if p["zeros"] is not None
+         else torch.full_like(s, float(2 ** (bits - 1))))
+    w = s * (codes - z)
+    if p["outlier_idx"] is not None:
+        w.scatter_add_(1, p["outlier_idx"].to(torch.int64), p["outlier_val"].to(torch.float32))
+    return w.to(dtype)

@@ -1,0 +1,569 @@
+"""`quantease quantize MODEL --out DIR`: sequential, block-by-block quantization of a whole HF decoder.
+
+1. Calibration ids [nsamples, seqlen] (quantize.calib).
+2. One forward of sample 0 through the whole model records the extra arguments every block gets
+   (attention mask, position embeddings/ids: they can differ per block, e.g. Gemma 3's sliding layers);
+   then the inputs of block 0 are caught for every sample (a hook that stops the forward).
+3. Block by block (only one block on the device at a time): Σ = Σ xᵀx (float32) of each linear's
+   inputs from forward hooks, quantize_weight on each linear, the dequantized weight written back, and
+   the quantized block's outputs become the next block's inputs (GPTQ convention).
+   Default: all linears of a block quantized from one pass (Σ from the fp block inputs through the
+   not-yet-quantized block).  --true-sequential: groups in dependency order (q/k/v, o, gate/up,
+   down) with Σ recomputed after each group, so later layers see already-quantized earlier ones.
+4. quantease.format.checkpoint.write_checkpoint (atomic), with the per-layer table in the report.
+
+Resume: after each block the results so far and the next block's inputs are saved atomically into
+DIR.partial/; a rerun with the same settings continues from there and writes the same checkpoint.
+"""
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from quantease.errors import QuantEaseError
+from quantease.quantize import calib, discover
+from quantease.quantize.result import QuantizedWeight
+
+METHODS = ("quantease", "gptq", "rtn")
+INTERRUPT_ENV = "QUANTEASE_INTERRUPT_AFTER_BLOCK"  # tests: simulate a crash after this block is saved
+STATE_VERSION = 1
+
+
+class StopForward(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(p):
+    p.add_argument("model", help="Hugging Face model folder (or a Hub id when the Hub is reachable)")
+    p.add_argument("--out", required=True, help="output folder of the quantized checkpoint")
+    p.add_argument("--method", default="quantease", choices=METHODS)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=-1, help="input columns per scale; -1: per output channel")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (no zeros stored)")
+    p.add_argument("--outliers", type=float, default=None, metavar="FRACTION",
+                   help="fraction of weights kept as fp16 outliers (quantease only; default 0.005 for "
+                        "quantease, 0 otherwise)")
+    p.add_argument("--structured-outliers", action="store_true", help="outliers on shared input columns")
+    p.add_argument("--sweeps", type=int, default=None, help="QuantEase coordinate-descent sweeps")
+    p.add_argument("--damp", type=float, default=0.01, help="relative diagonal damping of Σ")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="recompute Σ after each group of linears (q/k/v, o, gate/up, down)")
+    p.add_argument("--calib", required=True,
+                   help="calibration text: a .txt file, a .jsonl file with a \"text\" field, 'self' "
+                        "(data-free: text the model samples itself), or a dataset name (needs `datasets` and the Hub)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def run(args):
+    quantize_model(args.model, args.out, method=args.method, bits=args.bits, group_size=args.group_size,
+                   sym=args.sym, outliers=args.outliers, structured_outliers=args.structured_outliers,
+                   sweeps=args.sweeps, damp=args.damp, true_sequential=args.true_sequential, calib_spec=args.calib,
+                   nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
+                   overwrite=args.overwrite)
+    return 0
+
+
+# ---------------------------------------------------------------- checks and loading
+
+def pick_device(device):
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise QuantEaseError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuantEaseError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise QuantEaseError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
+def check_model_path(model_path):
+    """A local folder with config.json, or something that can only be a Hub id (org/name)."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QuantEaseError(f"model folder {path} has no config.json")
+        return str(path), True
+    looks_like_hub_id = str(model_path).count("/") == 1 and not str(model_path).startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise QuantEaseError(f"model folder {model_path} not found")
+    return str(model_path), False
+
+
+def compute_dtype(config, device):
+    """float32 on CPU (half matmuls are slow or missing there); the model's half dtype on CUDA."""
+    if device.type == "cpu":
+        return torch.float32
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return torch.bfloat16 if dtype in (torch.bfloat16, "bfloat16") else torch.float16
+
+
+def save_dtype(config):
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return torch.bfloat16 if dtype in (torch.bfloat16, "bfloat16") else torch.float16
+
+
+def load_model(model_path, local, device):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = "model folder" if local else "model (Hub id; no local folder of that name)"
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except Exception as e:
+        raise QuantEaseError(f"{where} {model_path}: cannot read its config "
+                             f"({type(e).__name__}: {first_line(e)})") from None
+    dtype = compute_dtype(config, device)
+    try:
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "not supported" in str(e):
+            raise QuantEaseError(
+                f"unsupported architecture {getattr(config, 'model_type', '?')}: quantease quantize needs a "
+                f"Hugging Face decoder-only causal LM (tested: {discover.TESTED})") from None
+        raise QuantEaseError(f"{where} {model_path}: cannot load ({first_line(e)})") from None
+    except Exception as e:
+        raise QuantEaseError(f"{where} {model_path}: cannot load ({type(e).__name__}: {first_line(e)})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:
+        tokenizer = None
+        tokenizer_error = f"{type(e).__name__}: {first_line(e)}"
+    else:
+        tokenizer_error = None
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer, tokenizer_error
+
+
+@contextmanager
+def quiet_loading():
+    """No transformers "Loading weights" bar: an error after it must still print as one line."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_options(method, bits, group_size, outliers, structured_outliers, sweeps, nsamples, seqlen):
+    from quantease.quantize import grid
+
+    grid.check_bits(bits)
+    if method not in METHODS:
+        raise QuantEaseError(f"--method {method}: choose one of {METHODS}")
+    if not (group_size == -1 or group_size > 0):
+        raise QuantEaseError(f"--group-size {group_size}: use -1 (per channel) or a positive number")
+    if not 0 <= outliers < 0.5:
+        raise QuantEaseError(f"--outliers {outliers}: must be a fraction in [0, 0.5)")
+    if outliers > 0 and method != "quantease":
+        raise QuantEaseError(f"--outliers needs --method quantease (got --method {method})")
+    if structured_outliers and outliers == 0:
+        raise QuantEaseError("--structured-outliers needs --outliers > 0")
+    if sweeps is not None and sweeps < 1:
+        raise QuantEaseError(f"--sweeps {sweeps}: must be >= 1")
+    if nsamples < 1 or seqlen < 2:
+        raise QuantEaseError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples}, {seqlen})")
+
+
+# ---------------------------------------------------------------- moving modules
+
+def move_outside(model, blocks, device):
+    """Move every parameter and buffer that is not inside the block stack (embeddings, norms, rotary)."""
+    def visit(m):
+        if m is blocks:
+            return
+        for k, p in m._parameters.items():
+            if p is not None:
+                p.data = p.data.to(device)
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.to(device)
+        for c in m.children():
+            visit(c)
+    visit(model)
+
+
+def to_device(x, device):
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+# ---------------------------------------------------------------- capturing block inputs
+
+def split_hidden(args, kwargs):
+    """(hidden states, other positional args, other kwargs) of a block call."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def block_call_args(model, blocks, ids0, device):
+    """[(args, kwargs)] each block gets besides its hidden states, from one forward of sample 0."""
+    calls, hooks = [None] * len(blocks), []
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            _, rest, kw = split_hidden(args, kwargs)
+            calls[i] = (rest, kw)
+            module.to(device)
+        return hook
+
+    def post(module, args, output):
+        if device.type != "cpu":
+            module.to("cpu")
+
+    for i, block in enumerate(blocks):
+        hooks.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
+        hooks.append(block.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            model(ids0.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [i for i, c in enumerate(calls) if c is None]
+    if missing:
+        raise QuantEaseError(f"blocks {missing} of the block stack were not called by the model's forward; "
+                             f"this architecture is not supported (tested: {discover.TESTED})")
+    return calls
+
+
+def first_block_inputs(model, blocks, ids, device, store):
+    """Hidden states entering block 0, one [1, seqlen, hidden] tensor per sample, kept on `store`."""
+    inputs = []
+
+    def hook(module, args, kwargs):
+        hs, _, _ = split_hidden(args, kwargs)
+        inputs.append(hs.detach().to(store))
+        raise StopForward
+
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(ids.shape[0]):
+                try:
+                    model(ids[i:i + 1].to(device), use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        h.remove()
+    return inputs
+
+
+def run_block(block, hs, call, device):
+    args, kwargs = call
+    out = block(hs.to(device), *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ---------------------------------------------------------------- one block
+
+def accumulate_sigmas(block, groups, inputs, call, device):
+    """{first linear name of each group: Σ xᵀx float32 [K, K]} over all calibration samples."""
+    sigmas, hooks = {}, []
+
+    def hook(name):
+        def add(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            if name not in sigmas:
+                sigmas[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            sigmas[name].addmm_(x.t(), x)
+        return add
+
+    for group in groups:
+        hooks.append(block.get_submodule(group[0]).register_forward_pre_hook(hook(group[0])))
+    try:
+        with torch.no_grad():
+            for hs in inputs:
+                run_block(block, hs, call, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sigmas
+
+
+def quantize_linear(module, sigma, opts):
+    from quantease.quantize import layer_error, quantize_weight
+
+    w = discover.get_weight(module).to(torch.float32)
+    t0 = time.time()
+    qw = quantize_weight(w, sigma, **opts)
+    seconds = time.time() - t0
+    # the checkpoint stores scales in fp16: round them now, so the weights written back (which the
+    # next blocks' calibration inputs flow through) and the reported error are the stored model's
+    qw = replace(qw, scale=qw.scale.to(torch.float16).to(torch.float32))
+    deq = qw.dequantize()
+    _, rel = layer_error(w, deq, sigma)
+    discover.set_weight(module, deq)
+    return qw_to(qw, "cpu"), dict(rel_error=rel, seconds=seconds)
+
+
+def quantize_block(block, prefix, inputs, call, device, opts, true_sequential, pbar=None):
+    """Quantize every linear of one block in place; {full name: QuantizedWeight}, {full name: row}."""
+    groups = discover.linear_groups(block, lambda: run_block(block, inputs[0], call, device))
+    passes = [[g] for g in groups] if true_sequential else [groups]
+    results, rows = {}, {}
+    for pass_groups in passes:
+        sigmas = accumulate_sigmas(block, pass_groups, inputs, call, device)
+        for group in pass_groups:
+            sigma = sigmas[group[0]]
+            for name in group:
+                module = block.get_submodule(name)
+                qw, row = quantize_linear(module, sigma, opts)
+                full = f"{prefix}.{name}"
+                results[full] = qw
+                rows[full] = dict(shape=list(qw.shape), outliers=qw.num_outliers,
+                                  bits_per_weight=qw.bits_per_weight, **row)
+                if pbar is not None:
+                    pbar.update(1)
+    return results, rows
+
+
+def block_outputs(block, inputs, call, device, store):
+    with torch.no_grad():
+        return [run_block(block, hs, call, device).detach().to(store) for hs in inputs]
+
+
+# ---------------------------------------------------------------- resume state
+
+def qw_to(qw, device):
+    return replace(qw, **{f.name: getattr(qw, f.name).to(device) for f in fields(qw)
+                          if torch.is_tensor(getattr(qw, f.name))})
+
+
+def qw_state(qw):
+    return {f.name: getattr(qw, f.name) for f in fields(qw)}
+
+
+def atomic_save(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_json(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def folder_stamp(path):
+    """(name, size, mtime) of the files of the model folder: a changed model never resumes an old run."""
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(path).iterdir()) if p.is_file()]
+
+
+def partial_dir(out):
+    return out.with_name(out.name + ".partial")
+
+
+def load_state(pdir, fingerprint):
+    """(next block, calibration ids) of a matching earlier run, or (0, None)."""
+    try:
+        state = json.loads((pdir / "state.json").read_text())
+    except (OSError, ValueError):
+        return 0, None
+    if state.get("fingerprint") != fingerprint:
+        print(f"quantease quantize: {pdir} is from a run with other settings; starting over")
+        return 0, None
+    return state["next_block"], torch.load(pdir / "calib.pt")
+
+
+def save_block(pdir, fingerprint, i, results, rows, next_inputs):
+    """Commit block i: its results, the inputs of block i+1, then state.json (the commit point)."""
+    atomic_save({"layers": {k: qw_state(v) for k, v in results.items()}, "rows": rows}, pdir / f"block_{i:04d}.pt")
+    atomic_save([t.cpu() for t in next_inputs], pdir / f"inputs_{i + 1:04d}.pt")
+    atomic_json({"fingerprint": fingerprint, "next_block": i + 1}, pdir / "state.json")
+    old = pdir / f"inputs_{i:04d}.pt"
+    if old.exists():
+        old.unlink()
+
+
+def load_blocks(pdir, n):
+    results, rows = {}, {}
+    for i in range(n):
+        saved = torch.load(pdir / f"block_{i:04d}.pt")
+        results.update({k: QuantizedWeight(**v) for k, v in saved["layers"].items()})
+        rows.update(saved["rows"])
+    return results, rows
+
+
+# ---------------------------------------------------------------- the whole model
+
+def keep_on_device(n_values, device):
+    """Keep activations on the GPU only when inputs + outputs take under a quarter of its free memory."""
+    if device.type == "cpu":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return 2 * n_values * 2 < free / 4
+
+
+def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_size=-1, sym=False, outliers=None,
+                   structured_outliers=False, sweeps=None, damp=0.01, true_sequential=False, calib_spec,
+                   nsamples=128, seqlen=2048, device=None, seed=0, overwrite=False, progress=None):
+    """Quantize a whole HF decoder into a quantease checkpoint at out_dir; returns the report dict."""
+    from tqdm.auto import tqdm
+
+    from quantease.format.checkpoint import check_target, write_checkpoint
+
+    if outliers is None:
+        outliers = 0.005 if method == "quantease" else 0.0
+    check_options(method, bits, group_size, outliers, structured_outliers, sweeps, nsamples, seqlen)
+    model_path, local = check_model_path(model_path)
+    if calib_spec != calib.SELF and (Path(calib_spec).suffix in (".txt", ".jsonl", ".raw")
+                                     or str(calib_spec).startswith((".", "/", "~"))):
+        if not Path(calib_spec).expanduser().is_file():
+            raise QuantEaseError(f"calibration file {calib_spec} not found")
+    out = Path(out_dir)
+    check_target(out, overwrite)
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    t_start = time.time()
+
+    model, tokenizer, tokenizer_error = load_model(model_path, local, dev)
+    block_name, blocks = discover.find_blocks(model)
+    for i, block in enumerate(blocks):
+        if not discover.find_linears(block):
+            raise QuantEaseError(f"block {block_name}.{i} has no linear layers to quantize")
+    opts = dict(bits=bits, method=method, group_size=group_size, sym=sym, outlier_fraction=outliers,
+                structured_outliers=structured_outliers, sweeps=sweeps, damp=damp)
+    fingerprint = dict(version=STATE_VERSION, model=str(Path(model_path).resolve()) if local else model_path,
+                       calib=str(calib_spec), nsamples=nsamples, seqlen=seqlen, seed=seed, device=dev.type,
+                       dtype=str(next(model.parameters()).dtype), true_sequential=true_sequential,
+                       files=folder_stamp(model_path) if local else None, **opts)
+    pdir = partial_dir(out)
+    start, ids = load_state(pdir, fingerprint)
+    if ids is None:
+        if tokenizer is None and calib_spec != calib.SELF:
+            raise QuantEaseError(f"model folder {model_path}: no usable tokenizer for the calibration text "
+                                 f"({tokenizer_error})")
+        if calib_spec == calib.SELF:
+            model.to(dev)
+            ids = calib.load(calib_spec, tokenizer or _BosOnly(model.config), nsamples, seqlen, seed, model=model)
+            model.to("cpu")
+        else:
+            ids = calib.load(calib_spec, tokenizer, nsamples, seqlen, seed)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if int(ids.max()) >= vocab:
+            raise QuantEaseError(f"the tokenizer of {model_path} gives token id {int(ids.max())}, outside the "
+                                 f"model's {vocab} embeddings")
+        if pdir.exists():
+            shutil.rmtree(pdir)
+        pdir.mkdir(parents=True)
+        atomic_save(ids, pdir / "calib.pt")
+        atomic_json({"fingerprint": fingerprint, "next_block": 0}, pdir / "state.json")
+    else:
+        print(f"quantease quantize: resuming from block {start} of {len(blocks)} ({pdir})")
+
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else None
+    store = dev if keep_on_device(nsamples * seqlen * (hidden or 0), dev) else torch.device("cpu")
+    move_outside(model, blocks, dev)
+    calls = block_call_args(model, blocks, ids[:1], dev)
+    if start == 0:
+        inputs = first_block_inputs(model, blocks, ids, dev, store)
+    else:
+        inputs = [t.to(store) for t in torch.load(pdir / f"inputs_{start:04d}.pt")]
+        done, _ = load_blocks(pdir, start)
+        for name, qw in done.items():
+            discover.set_weight(model.get_submodule(name), qw.dequantize())
+    move_outside(model, blocks, "cpu")
+
+    results, rows = load_blocks(pdir, start)
+    interrupt_after = os.environ.get(INTERRUPT_ENV)
+    bar = tqdm(range(start, len(blocks)), desc="blocks", initial=start, total=len(blocks), disable=progress)
+    for i in bar:
+        block = blocks[i]
+        prefix = f"{block_name}.{i}" if block_name else str(i)
+        try:
+            block.to(dev)
+            call = to_device(calls[i], dev)
+            with tqdm(total=len(discover.find_linears(block)), desc=f"block {i}", leave=False,
+                      disable=progress) as lbar:
+                res, rws = quantize_block(block, prefix, inputs, call, dev, opts, true_sequential, lbar)
+            inputs = block_outputs(block, inputs, call, dev, store)
+            block.to("cpu")
+        except torch.cuda.OutOfMemoryError:
+            kept = f"; blocks 0-{i - 1} are saved in {pdir} and a rerun resumes there" if i else ""
+            raise QuantEaseError(f"out of GPU memory on block {i} ({prefix}): lower --nsamples or --seqlen, "
+                                 f"or use --device cpu{kept}") from None
+        results.update(res)
+        rows.update(rws)
+        save_block(pdir, fingerprint, i, res, rws, inputs)
+        if interrupt_after is not None and int(interrupt_after) == i:
+            raise KeyboardInterrupt(f"{INTERRUPT_ENV}={i}")
+
+    seconds = time.time() - t_start
+    print_table(rows)
+    model.to(save_dtype(model.config))
+    convert_conv1d(model, results)
+    quant_config = dict(bits=bits, group_size=group_size, sym=sym, outlier_fraction=outliers,
+                        structured_outliers=structured_outliers, method=method)
+    report = dict(seconds=seconds, sweeps=sweeps, damp=damp, true_sequential=true_sequential,
+                  block_stack=block_name,
+                  calibration=dict(source=str(calib_spec), nsamples=nsamples, seqlen=seqlen, seed=seed),
+                  device=str(dev), layers=rows)
+    write_checkpoint(out, model, results, quant_config=quant_config, source_dir=model_path if local else None,
+                     report=report, overwrite=overwrite)
+    shutil.rmtree(pdir, ignore_errors=True)
+    print(f"quantease quantize: wrote {out} ({len(results)} linears, {seconds:.1f} s)")
+    return report
+
+
+class _BosOnly:
+    """Stand-in tokenizer for --calib self on a folder without one: only the BOS/EOS ids are needed."""
+
+    def __init__(self, config):
+        self.bos_token_id = getattr(config, "bos_token_id", None)
+        self.eos_token_id = getattr(config, "eos_token_id", None)
+
+
+def convert_conv1d(model, results):
+    """Quantized transformers Conv1D (GPT-2) -> nn.Linear with the same name, so the checkpoint writer
+    sees [out, in] linears; their dense weights are not written anyway (the packed tensors replace them)."""
+    for name in results:
+        module = model.get_submodule(name)
+        if not discover.is_conv1d(module):
+            continue
+        k, n = module.weight.shape
+        linear = torch.nn.Linear(k, n, bias=module.bias is not None, dtype=module.weight.dtype)
+        linear.weight.data.copy_(module.weight.data.t())
+        if module.bias is not None:
+            linear.bias.data.copy_(module.bias.data)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+
+
+def print_table(rows):
+    print(f"{'layer':<48} {'shape':>12} {'rel err':>9} {'outliers':>9} {'bits/w':>7} {'s':>6}")
+    for name, r in rows.items():
+        shape = "x".join(str(s) for s in r["shape"])
+        print(f"{name:<48} {shape:>12} {r['rel_error']:>9.5f} {r['outliers']:>9d} "
+              f"{r['bits_per_weight']:>7.3f} {r['seconds']:>6.2f}")

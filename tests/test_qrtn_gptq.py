@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from qhelpers import f_of, make_layer
+from quantease.quantize import grid, quantize_weight
+from quantease.quantize.gptq import gptq
+from quantease.quantize.rtn import rtn
+
+
+def gptq_unblocked(w, sigma, bits, damp):
+    """Textbook GPTQ, no blocking, no act-order, per-channel grid: the reference for the blocked one."""
+    n, k = w.shape
+    scale, zero = grid.fit(w, bits)
+    w = w.clone().double()
+    h = sigma.double() + damp * sigma.diagonal().mean().double() * torch.eye(k, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    codes = torch.zeros(n, k)
+    for j in range(k):
+        c = grid.quantize(w[:, j].float(), scale[:, 0], zero[:, 0], bits)
+        codes[:, j] = c
+        err = (w[:, j] - grid.dequantize(c, scale[:, 0], zero[:, 0]).double()) / hinv[j, j]
+        w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
+        # Sigma^{-1} of the remaining columns: Schur complement (the OBS update)
+        hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
+    return codes
+
+
+def test_gptq_blocked_equals_unblocked():
+    w, s = make_layer(12, 70, seed=1)
+    s = s / s.diagonal().mean()
+    ref = gptq_unblocked(w, s, 3, 0.01)
+    for block in (128, 16, 7):
+        codes, _, _ = gptq(w, s, 3, act_order=False, damp=0.01, block=block)
+        assert (codes != ref).float().mean() < 0.01  # float32 vs float64: a rare tie may flip
+
+
+@pytest.mark.parametrize("method", ["gptq", "quantease"])
+@pytest.mark.parametrize("group_size", [-1, 16])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_identity_sigma_gives_rtn(method, group_size, act_order):
+    w, _ = make_layer(8, 48)
+    s = torch.eye(48)
+    ref = quantize_weight(w, s, bits=3, method="rtn", group_size=group_size)
+    q = quantize_weight(w, s, bits=3, method=method, group_size=group_size, act_order=act_order)
+    assert torch.equal(q.codes, ref.codes)
+    assert torch.equal(q.scale, ref.scale) and torch.equal(q.zero, ref.zero)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 16, 20])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_and_codes_in_range(bits, group_size, act_order):
+    w, s = make_layer(16, 60, seed=bits)
+    q = quantize_weight(w, s, bits=bits, method="gptq", group_size=group_size, act_order=act_order)
+    r = quantize_weight(w, s, bits=bits, method="rtn", group_size=group_size)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2 ** bits - 1
+    assert q.scale.shape == (16, 1 if group_size == -1 else -(-60 // group_size))
+    assert f_of(w, q.dequantize(), s) < f_of(w, r.dequantize(), s)
+    assert q.info["rel_error"] == pytest.approx(f_of(w, q.dequantize(), s) / f_of(w, 0 * w, s), rel=1e-3)
+
+
+def test_gptq_act_order_groups_are_static():
+    # act-order + groups: the grid of each group is the min-max grid of the original W (no g_idx)
+    w, s = make_layer(8, 64, seed=2)
+    q = quantize_weight(w, s, bits=3, method="gptq", group_size=16, act_order=True)
+    scale, zero = grid.fit(w, 3, 16)
+    assert torch.equal(q.scale, scale) and torch.equal(q.zero, zero)
+
+
+def test_rtn_matches_grid():
+    w, s = make_layer(8, 40)
+    codes, scale, zero = rtn(w, 4, 8, sym=True)
+    q = quantize_weight(w, s, bits=4, method="rtn", group_size=8, sym=True)
+    assert torch.equal(q.codes, codes.to(torch.uint8)) and (q.zero == 8).all()
+
+
+def test_gptq_dead_columns():
+    w, s = make_layer(8, 32)
+    s[:, 3] = 0
+    s[3, :] = 0
+    q = quantize_weight(w, s, bits=3, method="gptq")
+    assert torch.isfinite(q.dequantize()).all()
+    r = quantize_weight(w, s, bits=3, method="rtn")
+    assert torch.equal(q.codes[:, 3], r.codes[:, 3])  # nothing flows into or out of a dead column
