@@ -122,7 +122,7 @@ def check(args):
         for fraction, group_size in ((0.01, -1), (0.005, 128)):
             p, _ = make_prepared(n, k, 3, group_size, fraction, seed=1)
             w64 = dequantize_prepared(p).double()
-            for m in (1, 5, 16, 64, 256):
+            for m in (1, 3, 16, 64, 256):
                 for dtype in (torch.float16, torch.bfloat16):
                     x = torch.randn(m, k, device="cuda").to(dtype)
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
@@ -137,55 +137,59 @@ def check(args):
     print(f"check: worst relative error {worst:.2e}")
 
 
-def sweep(args, writer):
-    """Time candidate configs of each path on two shapes; prints the best per M (fills the CONFIGS tables)."""
-    from quantease.kernels import gemm, gemv
+# candidates kept from earlier sweeps (benchmarks/kernel_notes.md has the full ones)
+GEMV_CFGS = [(8, 4, 1, 3), (32, 4, 4, 3), (8, 2, 1, 3), (8, 4, 2, 3), (16, 4, 2, 3), (64, 4, 8, 3)]
+GEMM_CFGS = {16: [(16, 128, 4, 3, 8), (16, 64, 4, 3, 8), (16, 128, 8, 3, 8)],
+             64: [(32, 128, 4, 3, 8), (64, 128, 4, 3, 8), (64, 64, 4, 3, 8)],
+             256: [(128, 128, 8, 2, 8), (128, 256, 8, 2, 8)]}
 
-    gemv_cfgs = [(16, 2, 4, 3), (16, 4, 4, 3), (32, 2, 4, 3), (32, 4, 4, 3), (64, 2, 4, 3), (16, 4, 2, 3),
-                 (32, 4, 2, 3), (8, 4, 1, 3), (16, 2, 2, 3), (32, 2, 8, 3), (32, 4, 4, 2), (64, 4, 8, 3)]
-    gemm_cfgs = {16: [(16, 64, 8, 4, 4, 8), (16, 128, 8, 4, 4, 8), (16, 64, 16, 4, 3, 8), (16, 32, 16, 4, 4, 8),
-                      (16, 128, 4, 4, 5, 8), (16, 256, 8, 8, 3, 8)],
-                 64: [(64, 64, 8, 4, 4, 8), (64, 128, 4, 4, 4, 8), (64, 128, 8, 8, 3, 8), (64, 64, 16, 4, 3, 8),
-                      (32, 128, 8, 4, 4, 8)],
-                 256: [(128, 128, 4, 8, 3, 8), (128, 256, 4, 8, 3, 8), (128, 128, 8, 8, 3, 8), (64, 128, 8, 4, 4, 8),
-                       (128, 64, 8, 4, 4, 8), (256, 128, 4, 8, 3, 8)]}
-    fp16 = {}
+
+def sweep(args, writer):
+    """Time candidate configs of each path on two shapes; the best (summed over the shapes) per M goes into the
+    kernels' CONFIGS tables for the rest of this run, and is printed for copying into the source."""
+    from quantease.kernels import gemm, gemv, ops
+
+    fp16, total = {}, {}
     for n, k in ((8192, 8192), (28672, 8192)):
         p, _ = make_prepared(n, k, 3, -1, 0.0)
-        for m in (1, 2, 4, 16):
+        for m in (1, 2, 4, 16, 64):
             base = time_fp16(n, k, m, fp16)
+            variants = [("gemv", cfg, {}) for cfg in GEMV_CFGS] if m <= 4 else []
+            if m == 1:  # what the in-place unpack, the LOP3 asm and the register prefetch buy
+                variants += [("gemv", GEMV_CFGS[0], dict(inplace=False)), ("gemv", GEMV_CFGS[0], dict(asm=False)),
+                             ("gemv", GEMV_CFGS[0], dict(prefetch=False))]
+            if m >= 4:
+                variants += [("gemm", cfg, {}) for cfg in GEMM_CFGS[min(256, max(16, m))]]
+            if m == 16:
+                variants += [("gemm", GEMM_CFGS[16][1], dict(inplace=False))]
             res = []
-            variants = [(cfg, True, True) for cfg in gemv_cfgs] if m <= 4 else []
-            if m == 1:  # what the in-place unpack and the LOP3 asm buy
-                variants += [(gemv_cfgs[3], False, True), (gemv_cfgs[3], True, False)]
-            for cfg, inplace, asm in variants:
+            for path, cfg, kw in variants:
+                fn = gemv.qgemv if path == "gemv" else gemm.qgemm
                 try:
-                    us = time_kernel(p, m, lambda x, q, o: gemv.qgemv(x, q, None, o, cfg, inplace, asm))
+                    us = time_kernel(p, m, lambda x, q, o: fn(x, q, None, o, cfg, **kw))
                 except Exception as e:  # a config the compiler rejects (registers, shared memory)
-                    print(f"  gemv {cfg} failed: {str(e).splitlines()[0][:80]}")
+                    print(f"  {path} {cfg} failed: {str(e).splitlines()[0][:80]}")
                     continue
-                res.append((us, f"gemv{cfg} inplace={inplace} asm={asm}"))
-            for cfg in gemm_cfgs[16] if m > 1 else []:
-                us = time_kernel(p, m, lambda x, q, o: gemm.qgemm(x, q, None, o, cfg))
-                res.append((us, f"gemm{cfg}"))
-            res.sort()
-            for us, name in res[:4]:
-                print(f"sweep {n}x{k} M={m}: {us:7.1f} us  {base / us:4.2f}x fp16  {name}")
-            for us, name in res:
+                name = f"{path}{cfg} {kw or ''}"
+                res.append((us, name))
+                if not kw:
+                    total.setdefault((m, path, cfg), []).append(us)
                 writer.writerow(["sweep", n, k, m, 0.0, name, f"{us:.2f}", "", f"{base / us:.3f}"])
-            print(f"  (fp16 {base:.1f} us; {len(res)} variants)")
-        for m in (64, 256):
-            base = time_fp16(n, k, m, fp16)
-            res = []
-            for cfg in gemm_cfgs[m]:
-                us = time_kernel(p, m, lambda x, q, o: gemm.qgemm(x, q, None, o, cfg))
-                res.append((us, f"gemm{cfg}"))
             res.sort()
             for us, name in res[:3]:
                 print(f"sweep {n}x{k} M={m}: {us:7.1f} us  {base / us:4.2f}x fp16  {name}")
-            for us, name in res:
-                writer.writerow(["sweep", n, k, m, 0.0, name, f"{us:.2f}", "", f"{base / us:.3f}"])
+            print(f"  (fp16 {base:.1f} us; {len(res)} variants)", flush=True)
         del p
+    best = {}
+    for (m, path, cfg), ts in total.items():
+        if len(ts) == 2 and (m not in best or sum(ts) < best[m][0]):
+            best[m] = (sum(ts), path, cfg)
+    for m in (1, 2, 4):
+        if best[m][1] == "gemv":
+            gemv.CONFIGS[m] = best[m][2]
+    ops.GEMV_MAX_M = max(m for m in (1, 2, 4) if best[m][1] == "gemv")
+    gemm.CONFIGS.update({16: best[16][2], 32: best[16][2], 64: best[64][2]})
+    print(f"chosen: gemv.CONFIGS={gemv.CONFIGS} ops.GEMV_MAX_M={ops.GEMV_MAX_M}\n        gemm.CONFIGS={gemm.CONFIGS}")
 
 
 def bench(args, writer):
@@ -202,6 +206,13 @@ def bench(args, writer):
                 rows.append((n, k, m, fraction, us, gbs, base))
                 writer.writerow(["bench", n, k, m, fraction, "default", f"{us:.2f}", f"{gbs:.0f}", f"{base / us:.3f}",
                                  f"{base:.2f}"])
+                if m == 256 and fraction == 0.0:  # the fused GEMM that the dequant+cuBLAS path replaces here
+                    from quantease.kernels import gemm
+
+                    fused = time_kernel(p, m, lambda x, q, o: gemm.qgemm(x, q, None, o))
+                    print(f"  {n}x{k} M=256: fused GEMM {fused:.1f} us vs dequant+cuBLAS {us:.1f} us", flush=True)
+                    writer.writerow(["bench", n, k, m, fraction, "fused_gemm", f"{fused:.2f}", "",
+                                     f"{base / fused:.3f}", f"{base:.2f}"])
             del p
     print("\n| N x K | M | fp16 us | 3b us | 3b+0.5% us | 3b+1% us | GB/s (0%) | speedup 0% / 0.5% / 1% |")
     print("|---|---|---|---|---|---|---|---|")
@@ -218,7 +229,7 @@ def plot(path, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in csv.reader(open(path)) if r and r[0] == "bench"]
+    rows = [r for r in csv.reader(open(path)) if r and r[0] == "bench" and r[5] == "default"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for ax, fraction in zip(axes, FRACTIONS):
         for n, k in SHAPES:

@@ -153,13 +153,15 @@ def study(layers, bits, max_sweeps=20):
 def gpu_timing():
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows = ["| q x p | method | seconds | rel error |", "|---|---|---|---|"]
+    rows = ["| q x p | method | seconds | of which init | rel error |", "|---|---|---|---|---|"]
     w0, s0 = torch.randn(256, 512, device=dev), correlated_sigma(512, device=dev)
     for opts in METHODS.values():  # warm-up: Triton compile, cuBLAS handles
         quantize_weight(w0, s0, bits=3, sweeps=None if opts["method"] != "quantease" else 2, **opts)
     variants = {
         "gptq": dict(method="gptq"),
+        "gptq, no clip": dict(method="gptq", clip=False),
         "quantease 5 sweeps": dict(method="quantease", sweeps=5),
+        "quantease 10 sweeps": dict(method="quantease", sweeps=10),
         "quantease 5 sweeps, init=w": dict(method="quantease", sweeps=5, init="w"),
         "quantease 5 sweeps, torch sweep (no Triton)": dict(method="quantease", sweeps=5, no_triton=True),
         "quantease+0.5% 5 sweeps": dict(method="quantease", sweeps=5, outlier_fraction=0.005),
@@ -178,7 +180,9 @@ def gpu_timing():
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             os.environ.pop("QUANTEASE_NO_TRITON", None)
-            rows.append(f"| {n}x{k} | {name} | {dt:.3f} | {q.info['rel_error']:.5f} |")
+            init_s = q.info.get("init_seconds")
+            init_s = "-" if init_s is None else f"{init_s:.3f}"
+            rows.append(f"| {n}x{k} | {name} | {dt:.3f} | {init_s} | {q.info['rel_error']:.5f} |")
             print(rows[-1], flush=True)
     return rows
 

@@ -67,6 +67,9 @@ def make_model(out, blocks, tiny, nsamples, seqlen, seed=0):
     ids = torch.randint(0, vocab, (nsamples * seqlen + seqlen,), generator=torch.Generator().manual_seed(seed))
     text = out / "calib.txt"
     text.write_text(" ".join(f"t{i}" for i in ids.tolist()))
+    del tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the children need the GPU
     return text
 
 
@@ -124,11 +127,11 @@ def peak_gib():
 
 # ---------------------------------------------------------------- parent: run methods, extrapolate, table
 
-def summarize(res, nblocks):
+def summarize(res, nblocks, calib):
     """Row of the table from one method's JSON: per-block mean, fixed part, extrapolated 32-block total."""
     done = [b for b in res.get("blocks", []) if "end" in b]
     row = dict(method=res["method"], status=res["status"], blocks_done=len(done), blocks_model=nblocks,
-               peak_gib=res.get("peak_gib"))
+               peak_gib=res.get("peak_gib"), calib=calib)
     if not done:
         return row
     steady = done[1:] if len(done) > 1 else done
@@ -217,14 +220,15 @@ def main():
             res = json.loads(js.read_text())
             if rc != 0 and res["status"] != "done":
                 res["status"] = f"cut ({rc})"
-            rows.append(summarize(res, args.blocks))
+            rows.append(summarize(res, args.blocks, f"{args.nsamples} x {args.seqlen}"))
         shutil.rmtree(work / f"q_{m.replace('+', '_')}", ignore_errors=True)
         shutil.rmtree(work / f"q_{m.replace('+', '_')}.partial", ignore_errors=True)
         with open(out / "quant_time.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
             w.writeheader()
             w.writerows(rows)
-    print(f"\nQuantization time, Llama-3-8B shape cut to {args.blocks} blocks, {args.nsamples} x {args.seqlen} "
+    shape = "tiny Llama" if args.tiny else "Llama-3-8B shape"
+    print(f"\nQuantization time, {shape} cut to {args.blocks} blocks, {args.nsamples} x {args.seqlen} "
           f"calibration tokens; 32-block totals are EXTRAPOLATED (fixed + first + 31 x mean of later blocks):")
     print(table(rows))
     return 0 if rows else 1

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -209,6 +210,7 @@ def measure(args):
                          ttft_ms=1e3 * t1, init_s=init_s, eager=bool(args.eager)))
         print(f"[measure] {args.label} batch {b}: {rows[-1]['decode_tok_s']:.1f} tok/s decode, "
               f"TPOT {rows[-1]['tpot_ms']:.2f} ms, TTFT {rows[-1]['ttft_ms']:.1f} ms", flush=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))  # a run cut short keeps what it measured
     tp = timed(llm, SamplingParams, args.prefill_batch, args.prefill_len, 1, vocab, gen, args.repeats)
     rows.append(dict(model=args.label, batch=args.prefill_batch, prompt_len=args.prefill_len, new_tokens=0, t1_s=tp,
                      prefill_tok_s=args.prefill_batch * args.prefill_len / tp, ttft_ms=1e3 * tp, init_s=init_s,
@@ -218,31 +220,55 @@ def measure(args):
     Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def run_measure(label, model_dir, args, out):
+def wait_gpu_free(limit=30):
+    """Wait (up to limit s) until the last vLLM process has let go of the GPU, so the next one sees it all."""
+    if not torch.cuda.is_available():
+        return
+    torch.cuda.empty_cache()
+    t = time.time()
+    while time.time() - t < limit:
+        free, total = torch.cuda.mem_get_info()
+        if free > 0.9 * total:
+            return
+        time.sleep(1)
+    print(f"[run] warning: only {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free on the GPU", flush=True)
+
+
+def run_measure(label, model_dir, args, out, eager=False):
     """Measure one model in a child process; returns its rows (with weight GiB from vLLM's log) or []."""
     log, js = out / f"vllm_{label}.log", out / f"throughput_{label}.json"
     cmd = [sys.executable, __file__, "--measure", str(model_dir), "--label", label, "--json", str(js),
            "--batches", args.batches, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
            "--prefill-len", str(args.prefill_len), "--prefill-batch", str(args.prefill_batch),
            "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem)]
-    cmd += ["--eager"] if args.eager else []
+    cmd += ["--eager"] if eager else []
     cmd += ["--dummy"] if (label == "fp16" and args.fp16_dummy) else []
+    timeout = args.timeout if args.deadline is None else min(args.timeout, args.deadline - time.time())
     t0 = time.time()
     with open(log, "w") as f:
+        # own session: on a timeout the whole group (vLLM's engine-core process too) is killed, freeing the GPU
+        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+            rc = child.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # leftovers of a finished run too
+        except ProcessLookupError:
+            pass
+        child.wait()
+    wait_gpu_free()
     text = log.read_text(errors="replace")
-    if rc != 0 or not js.exists():
+    if rc != 0:
         print(f"[run] {label}: FAILED ({rc}) after {time.time() - t0:.0f}s; last lines of {log}:")
         print("\n".join(text.splitlines()[-25:]))
+    if not js.exists():
         return []
     m = re.findall(r"Model loading took ([\d.]+) ?GiB", text)
     rows = json.loads(js.read_text())
     for r in rows:
         r["weights_gib"] = float(m[-1]) if m else None
-    print(f"[run] {label}: done in {time.time() - t0:.0f}s")
+    print(f"[run] {label}: {len(rows)} rows in {time.time() - t0:.0f}s")
     return rows
 
 
@@ -271,13 +297,14 @@ def table(rows):
                 v = decode.get((m, b), {}).get("decode_tok_s")
                 cells.append(f"{float(v) / float(base):.2f}x" if v and base else "")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | weights GiB (vLLM log) | checkpoint GiB | TTFT ms (batch 1) | prefill tok/s | LLM init s |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| model | mode | weights GiB (vLLM log) | checkpoint GiB | TTFT ms (batch 1) | prefill tok/s | "
+              "LLM init s |", "|---|---|---|---|---|---|---|"]
     for m in labels:
         mr = [r for r in rows if r["model"] == m]
         pre = next((r for r in mr if int(r["new_tokens"]) == 0), {})
         b1 = decode.get((m, min(batches)), {}) if batches else {}
-        lines.append(f"| {m} | {fmt(mr[0].get('weights_gib'), '.2f')} | {fmt(mr[0].get('checkpoint_gib'), '.2f')} | "
+        mode = "enforce_eager" if str(mr[0].get("eager")) == "True" else "default (CUDA graphs on GPU)"
+        lines.append(f"| {m} | {mode} | {fmt(mr[0].get('weights_gib'), '.2f')} | {fmt(mr[0].get('checkpoint_gib'), '.2f')} | "
                      f"{fmt(b1.get('ttft_ms'), '.1f')} | {fmt(pre.get('prefill_tok_s'), '.0f')} | "
                      f"{fmt(mr[0].get('init_s'), '.0f')} |")
     return "\n".join(lines)
@@ -307,6 +334,7 @@ def main():
     p.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
     p.add_argument("--fp16-dummy", action="store_true", help="fp16 via vLLM's load_format=dummy (writes nothing)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per model measurement")
+    p.add_argument("--deadline", type=float, default=None, help="unix time by which every measurement must end")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # child process: measure this folder
     p.add_argument("--label", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
@@ -327,8 +355,17 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for m in models:
+        if args.deadline is not None and args.deadline - time.time() < 60:
+            print(f"[run] {m}: skipped, too close to the deadline", flush=True)
+            continue
         size = make_checkpoint(m, work / m, tiny=args.tiny, dummy=(m == "fp16" and args.fp16_dummy))
-        got = run_measure(m, work / m, args, out)
+        wait_gpu_free()
+        got = run_measure(m, work / m, args, out, eager=args.eager)
+        left = float("inf") if args.deadline is None else args.deadline - time.time()
+        if not got and not args.eager and left > 120:
+            # CUDA graphs / torch.compile untried with the carried vLLM build: an eager number beats none
+            print(f"[run] {m}: retrying with enforce_eager (rows are marked eager=True)", flush=True)
+            got = run_measure(m, work / m, args, out, eager=True)
         for r in got:
             r["checkpoint_gib"] = size or None
         rows += got

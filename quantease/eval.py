@@ -132,19 +132,19 @@ def load(model_dir, device, dense=False):
     from quantease.quantize.pipeline import quiet_loading
 
     with quiet_loading():
-        model = load_model(path, dtype, dense)
+        model = load_model(path, dtype, dense, device)
     model.to(device).eval()
     return model, tokenizer
 
 
-def load_model(path, dtype, dense):
+def load_model(path, dtype, dense, device):
     from transformers import AutoModelForCausalLM
 
     if is_quantized(path) and dense:
         model = load_dequantized(path, dtype)
     elif is_quantized(path):
         import quantease.runtime as runtime
-        model = runtime.load(path)
+        model = runtime.load(path, device=device, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model

@@ -4,7 +4,7 @@
 #   bash scripts/demo.sh              SmolLM2-135M-Instruct
 #   bash scripts/demo.sh HF_FOLDER    any Hugging Face causal-LM folder instead
 # Knobs (environment): QUANTEASE_DEMO_DIR (work folder, default .cache/demo), DEMO_PORT (8000),
-#   DEMO_NSAMPLES (16), DEMO_SEQLEN (256), DEMO_GROUP_SIZE (64), DEMO_OUTLIERS (0.005).
+#   DEMO_NSAMPLES (8), DEMO_SEQLEN (128), DEMO_GROUP_SIZE (64), DEMO_OUTLIERS (0.005).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$root/scripts/env.sh"
@@ -26,7 +26,7 @@ if [ ! -f "$quantized/config.json" ]; then
     # data-free calibration (text the model samples itself): nothing to download
     python -m quantease.cli quantize "$model" --out "$quantized" --method quantease --bits 3 \
         --group-size "${DEMO_GROUP_SIZE:-64}" --outliers "${DEMO_OUTLIERS:-0.005}" \
-        --calib self --nsamples "${DEMO_NSAMPLES:-16}" --seqlen "${DEMO_SEQLEN:-256}"
+        --calib self --nsamples "${DEMO_NSAMPLES:-8}" --seqlen "${DEMO_SEQLEN:-128}"
 fi
 
 # the server runs in its own process group; the trap stops all of it (API server, engine, workers)

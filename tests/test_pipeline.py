@@ -1,7 +1,7 @@
 """`quantease quantize`: end to end on tiny models of every supported family, the sequential (GPTQ)
 convention, resume, and every bad input as one line with nothing written."""
 import json
-import os
+import math
 
 import pytest
 import torch
@@ -301,7 +301,22 @@ def test_smollm2_quantease_outliers_real_run(smollm2_dir, c4_path, wikitext_path
     assert len(qe) == 7
     for name in qe:
         assert qe[name]["rel_error"] < 0.7 * rtn[name]["rel_error"], name
-    fp = evaluate(cut, wikitext_path, seqlen=256, limit=4, device="cpu")["ppl"]
-    q_qe = evaluate(tmp_path / "qe", wikitext_path, seqlen=256, limit=4, device="cpu", dense=True)["ppl"]
-    q_rtn = evaluate(tmp_path / "rtn", wikitext_path, seqlen=256, limit=4, device="cpu", dense=True)["ppl"]
-    assert fp < q_qe < q_rtn
+    # a 1-block model's perplexity means little: compare what the cut model computes instead
+    res = evaluate(tmp_path / "qe", wikitext_path, seqlen=256, limit=4, device="cpu", dense=True)
+    assert res["windows"] == 4 and math.isfinite(res["ppl"])
+    from quantease.eval import eval_windows, load, read_rows_text
+    dev = torch.device("cpu")
+    fp, tok = load(cut, dev)
+    windows = eval_windows(tok, read_rows_text(wikitext_path), 256, limit=4)
+    with torch.no_grad():
+        ref = fp.model(windows).last_hidden_state
+        err = {}
+        for name in ("qe", "rtn"):
+            q, _ = load(tmp_path / name, dev, dense=True)
+            err[name] = float((q.model(windows).last_hidden_state - ref).pow(2).sum() / ref.pow(2).sum())
+    assert err["qe"] < 0.5 * err["rtn"], err
+
+
+def test_hub_id_without_a_reachable_hub(work, tmp_path, capsys):
+    msg = bad(work, tmp_path, capsys, ["no-such-org-quantease/no-such-model", "--calib", "{work}/calib.txt"])
+    assert "no-such-org-quantease/no-such-model" in msg

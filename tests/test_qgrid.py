@@ -79,3 +79,15 @@ def test_exclude_ignores_outliers():
 def test_bad_bits(bits):
     with pytest.raises(QuantEaseError, match="bits="):
         grid.fit(_w(), bits)
+
+
+def test_clip_weighted_by_column_importance():
+    # a big weight on an important input channel must not be clipped; on an unimportant one it may
+    w = torch.linspace(-1, 1, 32).repeat(2, 1)
+    w[:, 0] = 8.0
+    plain, _ = grid.fit(w, 3, clip=False)
+    unweighted, _ = grid.fit(w, 3, clip=True)
+    weight = torch.ones(32)
+    weight[0] = 1e4
+    weighted, _ = grid.fit(w, 3, clip=True, col_weight=weight)
+    assert (unweighted < plain).all() and torch.equal(weighted, plain)

@@ -3,7 +3,7 @@ import torch
 
 from qhelpers import f_of, make_layer
 from quantease.format import layout
-from quantease.quantize import grid, layer_error, quantize_weight
+from quantease.quantize import layer_error, quantize_weight
 from quantease.quantize.outliers import optimal_values
 
 

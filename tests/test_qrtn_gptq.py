@@ -40,10 +40,11 @@ def test_gptq_blocked_equals_unblocked():
 def test_identity_sigma_gives_rtn(method, group_size, act_order):
     w, _ = make_layer(8, 48)
     s = torch.eye(48)
-    ref = quantize_weight(w, s, bits=3, method="rtn", group_size=group_size)
-    q = quantize_weight(w, s, bits=3, method=method, group_size=group_size, act_order=act_order)
-    assert torch.equal(q.codes, ref.codes)
-    assert torch.equal(q.scale, ref.scale) and torch.equal(q.zero, ref.zero)
+    for clip in (False, True):
+        ref = quantize_weight(w, s, bits=3, method="rtn", group_size=group_size, clip=clip)
+        q = quantize_weight(w, s, bits=3, method=method, group_size=group_size, act_order=act_order, clip=clip)
+        assert torch.equal(q.codes, ref.codes)
+        assert torch.equal(q.scale, ref.scale) and torch.equal(q.zero, ref.zero)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -62,7 +63,7 @@ def test_gptq_beats_rtn_and_codes_in_range(bits, group_size, act_order):
 def test_gptq_act_order_groups_are_static():
     # act-order + groups: the grid of each group is the min-max grid of the original W (no g_idx)
     w, s = make_layer(8, 64, seed=2)
-    q = quantize_weight(w, s, bits=3, method="gptq", group_size=16, act_order=True)
+    q = quantize_weight(w, s, bits=3, method="gptq", group_size=16, act_order=True, clip=False)
     scale, zero = grid.fit(w, 3, 16)
     assert torch.equal(q.scale, scale) and torch.equal(q.zero, zero)
 
@@ -80,5 +81,6 @@ def test_gptq_dead_columns():
     s[3, :] = 0
     q = quantize_weight(w, s, bits=3, method="gptq")
     assert torch.isfinite(q.dequantize()).all()
-    r = quantize_weight(w, s, bits=3, method="rtn")
+    r = quantize_weight(w, s, bits=3, method="rtn", clip=True)
+    assert torch.equal(q.scale, r.scale)
     assert torch.equal(q.codes[:, 3], r.codes[:, 3])  # nothing flows into or out of a dead column

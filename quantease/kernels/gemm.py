@@ -8,22 +8,23 @@ tl.dot(x_j [BM, WPB], w_j^T).  3-bit per-channel tiles use the GEMV's in-place u
 per weight give c - z exactly).  Integer (code - zero) values are exact in fp16/bf16, so for per-channel grids
 and groups of whole blocks (group_size % 256 == 0) the scale multiplies the fp32 partial product instead of
 rounding s * (c - z) to 16 bits.  Other group sizes dequantize per element.  Outliers are added after the K
-loop by gathering x at each row's R slot columns.
+loop by a second launch (kernels/outliers.py), which reads x transposed so that the gathers are wide.
 """
 import torch
 import triton
 import triton.language as tl
 
-from quantease.kernels.gemv import _merge
+from quantease.kernels.gemv import _code3
+from quantease.kernels.outliers import ell_add
 
 
 # (BM, BN, num_warps, num_stages, GROUP_M) by M bucket; chosen ahead on the H100 (benchmarks/kernels.py)
 CONFIGS = {
-    16: (16, 64, 4, 3, 8),
-    32: (32, 64, 4, 3, 8),
-    64: (64, 64, 4, 3, 8),
-    128: (128, 64, 4, 3, 8),
-    256: (128, 128, 8, 3, 8),
+    16: (16, 128, 4, 3, 8),
+    32: (16, 128, 4, 3, 8),
+    64: (32, 128, 4, 3, 8),
+    128: (128, 128, 8, 2, 8),
+    256: (128, 128, 8, 2, 8),
 }
 
 
@@ -43,13 +44,13 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
-                 M, N, K, R, group_size,
-                 stride_xm, stride_ym, stride_p0, stride_p1, stride_s, stride_z, stride_oi, stride_ov,
+def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
+                 M, N, K, group_size,
+                 stride_xm, stride_ym, stride_p0, stride_p1, stride_s, stride_z,
                  BITS: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                 GROUP_MODE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  INPLACE: tl.constexpr, ASM: tl.constexpr, IEEE: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     # GROUP_MODE 0: per channel; 1: groups of whole 256-column blocks; 2: per element
     PW: tl.constexpr = 32 // W0  # code slots per word
     WPB: tl.constexpr = 8 * W0  # plane-0 words per block = columns per slot
@@ -101,16 +102,8 @@ def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_p
         for j in tl.static_range(PW):
             kx = blk * 256 + j * WPB + q
             x = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx < K)[None, :], other=0.0).to(dtype)
-            if BITS == 3 and INPLACE:
-                p = 2 * (j % 8)
-                if j < 8:
-                    bits = _merge(a, 3 << p, hs, 4 << p, ASM)
-                elif j < 15:
-                    bits = _merge(a_hi, 3 << p, h_hi, 4 << p, ASM)
-                else:
-                    bits = _merge(a_hi, 3 << p, h_15, 4 << p, ASM)
-                # (2**23 + c 2**p) 2**-p - (2**(23-p) + z) == c - z exactly
-                c = bits.to(tl.float32, bitcast=True) * (1.0 / (1 << p)) - (zb[:, None] + (1 << (23 - p)))
+            if BITS == 3 and INPLACE:  # 2**(23 - p) + c, minus 2**(23 - p) + z: c - z exactly
+                c = _code3(a, a_hi, hs, h_hi, h_15, j, ASM) - (zb[:, None] + (1 << (23 - 2 * (j % 8))))
             else:
                 c = (a >> (W0 * j)) & ((1 << W0) - 1)
                 if BITS == 3:
@@ -134,15 +127,6 @@ def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_p
     if GROUP_MODE == 0:
         s = tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
-    if HAS_OUTLIERS:
-        for r0 in range(0, R, BR):
-            offs_r = r0 + tl.arange(0, BR)
-            rmask = mask_n[:, None] & (offs_r[None, :] < R)
-            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0).to(tl.int32)
-            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-            xg = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + idx[None, :, :],
-                         mask=mask_m[:, None, None] & rmask[None, :, :], other=0.0)
-            acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -163,22 +147,93 @@ def qgemm(x, p, bias, out, config=None, inplace=True, asm=True):
     bits = p["bits"]
     mode = group_mode(p["group_size"])
     plane1 = p["plane1"] if p["plane1"] is not None else p["plane0"]
-    zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
-    has_out = oi is not None
-    r = oi.shape[1] if has_out else 0
-    # keep the [BM, BN, BR] gather tile near 64 values a thread
-    br = max(1, min(triton.next_power_of_2(max(r, 1)), 64 * 32 * warps // (bm * bn)))
+    zeros = p["zeros"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     qgemm_kernel[grid](
         x, out, p["plane0"], plane1, p["scales"], zeros if zeros is not None else p["scales"],
-        oi if has_out else p["plane0"], ov if has_out else p["scales"], bias if bias is not None else p["scales"],
-        m, n, k, r, p["group_size"],
+        bias if bias is not None else p["scales"],
+        m, n, k, p["group_size"],
         x.stride(0), out.stride(0), p["plane0"].stride(0), plane1.stride(0), p["scales"].stride(0),
-        zeros.stride(0) if zeros is not None else 0, oi.stride(0) if has_out else 0, ov.stride(0) if has_out else 0,
+        zeros.stride(0) if zeros is not None else 0,
         BITS=bits, W0=2 if bits == 3 else bits, ZERO=2 ** (bits - 1), HAS_ZEROS=zeros is not None,
-        GROUP_MODE=mode, HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None,
+        GROUP_MODE=mode, HAS_BIAS=bias is not None,
         INPLACE=inplace and bits == 3 and mode != 2, ASM=asm and x.is_cuda,
         IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not x.is_cuda),
-        BM=bm, BN=bn, BR=br,
-        GROUP_M=group_m, num_warps=warps, num_stages=stages)
+        BM=bm, BN=bn, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    if p["outlier_idx"] is not None:
+        ell_add(x, p["outlier_idx"], p["outlier_val"], out)
+    return out
+
+
+# ---- large M: dequantize once to x's dtype, then cuBLAS ----------------------------------------------------------
+# At M >= DEQUANT_MIN_M the fused kernel's per-tile unpack (redone for every BM rows) costs more than writing the
+# dense weight once and handing it to cuBLAS (benchmarks/kernels.py measured the crossover on the H100).
+DEQUANT_MIN_M = 128
+DQ_BN = 32
+
+
+@triton.jit
+def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, N, K, group_size,
+                   stride_w, stride_p0, stride_p1, stride_s, stride_z,
+                   BITS: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                   PER_CHANNEL: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
+    """w [N, K] = s * (code - z), one 256-column block per program (same unpack as the GEMM)."""
+    PW: tl.constexpr = 32 // W0
+    WPB: tl.constexpr = 8 * W0
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    blk = tl.program_id(1)
+    mask_n = offs_n < N
+    q = tl.arange(0, WPB)
+    a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=mask_n[:, None], other=0)
+    if BITS == 3:
+        hcol = (q // 16) * 8 + (q % 8)
+        hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
+                     other=0) >> ((q % 16) // 8)[None, :]
+        a_hi = a >> 16
+        h_hi = hs >> 16
+        h_15 = hs << 16
+    for j in tl.static_range(PW):
+        kx = blk * 256 + j * WPB + q
+        wmask = mask_n[:, None] & (kx < K)[None, :]
+        if PER_CHANNEL:
+            g = kx * 0
+        else:
+            g = kx // group_size
+        s = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=wmask, other=0).to(tl.float32)
+        else:
+            z = ZERO
+        if BITS == 3:
+            c = _code3(a, a_hi, hs, h_hi, h_15, j, ASM) - (1 << (23 - 2 * (j % 8)))
+        else:
+            c = ((a >> (W0 * j)) & ((1 << W0) - 1)).to(tl.float32)
+        tl.store(w_ptr + offs_n[:, None] * stride_w + kx[None, :], ((c - z) * s).to(w_ptr.dtype.element_ty),
+                 mask=wmask)
+
+
+def dequantize(p, dtype):
+    """Prepared dict -> dense weight [N, K] in dtype (without the outliers), on the GPU."""
+    n, k, bits = p["out_features"], p["in_features"], p["bits"]
+    w = torch.empty(n, k, dtype=dtype, device=p["plane0"].device)
+    plane1 = p["plane1"] if p["plane1"] is not None else p["plane0"]
+    zeros = p["zeros"]
+    dequant_kernel[(triton.cdiv(n, DQ_BN), triton.cdiv(k, 256))](
+        w, p["plane0"], plane1, p["scales"], zeros if zeros is not None else p["scales"], n, k, p["group_size"],
+        w.stride(0), p["plane0"].stride(0), plane1.stride(0), p["scales"].stride(0),
+        zeros.stride(0) if zeros is not None else 0,
+        BITS=bits, W0=2 if bits == 3 else bits, ZERO=float(2 ** (bits - 1)), HAS_ZEROS=zeros is not None,
+        PER_CHANNEL=p["group_size"] == -1, ASM=w.is_cuda, BN=DQ_BN, num_warps=4)
+    return w
+
+
+def dequant_matmul(x, p, bias, out):
+    """Large-M path: dense weight (this call only) + torch.matmul (cuBLAS), then the outlier add."""
+    w = dequantize(p, x.dtype)
+    torch.matmul(x, w.t(), out=out)
+    del w
+    if bias is not None:
+        out += bias
+    if p["outlier_idx"] is not None:
+        ell_add(x, p["outlier_idx"], p["outlier_val"], out)
     return out

@@ -17,7 +17,9 @@ How runtimes call it (vLLM process_weights_after_loading / transformers post-loa
 
 Backend: "auto" (CUDA tensors -> Triton, CPU -> torch reference), "triton" (also CPU tensors when
 TRITON_INTERPRET=1: that is how CI tests the kernels), "torch".  Pass backend= or set QUANTEASE_KERNEL_BACKEND.
-Triton path: GEMV (kernels/gemv.py) for M <= GEMV_MAX_M rows, else GEMM (kernels/gemm.py).
+Triton path: GEMV (kernels/gemv.py) for M <= GEMV_MAX_M rows; fused GEMM (kernels/gemm.py) up to
+gemm.DEQUANT_MIN_M rows; above that (CUDA only) dequantize to a dense weight for this call + cuBLAS.  The
+outliers are fused in the GEMV and a second launch (kernels/outliers.py) after the GEMM / cuBLAS.
 """
 import os
 from typing import Optional
@@ -30,7 +32,7 @@ from quantease.kernels.reference import qlinear_reference
 
 BACKEND_ENV = "QUANTEASE_KERNEL_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
-GEMV_MAX_M = 4  # rows of x up to which the CUDA-core GEMV beats the tensor-core GEMM (H100, benchmarks/kernels.py)
+GEMV_MAX_M = 2  # rows of x up to which the CUDA-core GEMV beats the tensor-core GEMM (H100, benchmarks/kernels.py)
 TENSORS = ("plane0", "plane1", "scales", "zeros", "outlier_idx", "outlier_val")
 
 
@@ -66,6 +68,8 @@ def _forward(x2d, p, bias, backend, out=None):
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     if m <= GEMV_MAX_M:
         return gemv.qgemv(x2d, p, bias, out)
+    if m >= gemm.DEQUANT_MIN_M and x2d.is_cuda:
+        return gemm.dequant_matmul(x2d, p, bias, out)
     return gemm.qgemm(x2d, p, bias, out)
 
 

@@ -42,26 +42,34 @@ def true_error(e, r, lam, dead):
 
 def sweep_torch(target, q, codes, r, sig, invd, col_scale, col_zero, bits, block):
     """One cyclic pass over the columns, in place on q (grid values), codes and r.  Returns the number
-    of codes that changed (a 0-dim tensor)."""
-    n, k = q.shape
+    of codes that changed (a 0-dim tensor).  Works on transposed copies so that a column is a
+    contiguous row (2x faster on CPU than strided columns), with in-place ops to cut allocations."""
+    qt, ct, rt = q.T.contiguous(), codes.T.contiguous(), r.T.contiguous()
+    st, zt = col_scale.T.contiguous(), col_zero.T.contiguous()
+    k = qt.shape[0]
+    inv = invd.tolist()
+    maxq = 2 ** bits - 1
     changed = torch.zeros((), dtype=torch.int64, device=q.device)
     for b1 in range(0, k, block):
         b2 = min(b1 + block, k)
-        qb = q[:, b1:b2]
+        qb = qt[b1:b2]
         old = qb.clone()
-        rb = r[:, b1:b2].clone()
+        rb = rt[b1:b2].clone()
         sb = sig[b1:b2, b1:b2]
         for i in range(b2 - b1):
             j = b1 + i
-            u = qb[:, i] + rb[:, i] * invd[j]
-            c = grid.quantize(u, col_scale[:, j], col_zero[:, j], bits)
-            new = grid.dequantize(c, col_scale[:, j], col_zero[:, j])
-            d = new - qb[:, i]
-            qb[:, i] = new
-            changed += (c != codes[:, j]).sum()
-            codes[:, j] = c
-            rb[:, i + 1:] -= d[:, None] * sb[i, i + 1:][None, :]
-        r -= (qb - old) @ sig[b1:b2, :]
+            u = torch.add(qb[i], rb[i], alpha=inv[j])  # the unconstrained optimum of coordinate j
+            c = torch.round_(u.div_(st[j])).add_(zt[j]).clamp_(0, maxq)  # == grid.quantize
+            new = (c - zt[j]).mul_(st[j])
+            d = new - qb[i]
+            qb[i] = new
+            changed += (c != ct[j]).sum()
+            ct[j] = c
+            rb[i + 1:].addr_(sb[i, i + 1:], d, alpha=-1)
+        rt -= sig[:, b1:b2] @ (qb - old)
+    q.copy_(qt.T)
+    codes.copy_(ct.T)
+    r.copy_(rt.T)
     return changed
 
 
@@ -87,12 +95,11 @@ def run_cd(target, sig_d, lam, dead, q, codes, col_scale, col_zero, bits, sweeps
     invd = 1.0 / torch.diagonal(sig_d)
     errors, objective = [], []
     done = 0
+    r = (target - q) @ sig_d
     for _ in range(sweeps):
-        e = target - q
-        r = e @ sig_d  # exact at the start of every sweep: no drift from the lazy updates
         changed = int(sweep(target, q, codes, r, sig_d, invd, col_scale, col_zero, bits, block))
         e = target - q
-        r = e @ sig_d
+        r = e @ sig_d  # recomputed exactly after every sweep: no drift from the lazy updates
         objective.append(float((e * r).sum()))
         errors.append(true_error(e, r, lam, dead))
         done += 1
@@ -114,6 +121,9 @@ def quantease(w, sigma, bits, group_size=-1, sym=False, damp=0.01, act_order=Fal
     col_scale = grid.expand(scale, k, group_size)
     col_zero = grid.expand(zero, k, group_size)
     q = w.clone() if init == "w" else grid.dequantize(codes, col_scale, col_zero)
+    if w.is_cuda:
+        torch.cuda.synchronize()
+    t_init = time.time() - t0
 
     perm = torch.argsort(torch.diagonal(sigma), descending=True) if act_order else None
     if perm is not None:
@@ -129,5 +139,5 @@ def quantease(w, sigma, bits, group_size=-1, sym=False, damp=0.01, act_order=Fal
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     info = dict(init=init, init_error=init_error, errors=errors, objective=objective,
-                sweeps=len(errors), cd_seconds=time.time() - t0)
+                sweeps=len(errors), init_seconds=t_init, cd_seconds=time.time() - t0 - t_init)
     return codes, scale, zero, info

@@ -63,7 +63,8 @@ if triton is not None:
 
 
 def sweep(target, q, codes, r, sig, invd, col_scale, col_zero, bits, block=BLOCK):
-    """Same contract as cd.sweep_torch (in place on q, codes, r; returns the changed-code count)."""
+    """Same contract as cd.sweep_torch (in place on q, codes, r; returns the changed-code count).
+    The block width is the kernel's BLOCK (its register tile), whatever `block` says."""
     n, k = q.shape
     for t in (q, codes, r, sig, col_scale, col_zero):
         assert t.is_contiguous() and t.dtype == torch.float32

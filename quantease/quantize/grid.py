@@ -52,6 +52,8 @@ def _minmax_grid(xmin, xmax, bits, sym):
         zero = None
     # an all-zero row/group: any positive scale represents it exactly
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # the checkpoint stores scales in fp16: fit with that value, so the errors we report are the checkpoint's
+    scale = scale.to(torch.float16).to(torch.float32).clamp(min=2.0 ** -24)
     if zero is None:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero

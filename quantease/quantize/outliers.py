@@ -32,8 +32,10 @@ def lambda_max(sigma, iters=30):
 
 
 def initial_support(w, sigma, r, structured):
-    """Outlier columns per row [N, R] by |W_ij| sqrt(Sigma_jj): the entries that cost most to round."""
-    score = w.abs() * torch.diagonal(sigma).clamp(min=0).sqrt()[None, :]
+    """Outlier columns per row [N, R] by |W_ij| Sigma_jj^(1/4).  Plain |W| shrinks the grid's range
+    most; |W| sqrt(Sigma_jj) (cost of rounding) won on a down_proj with one huge input channel and
+    lost elsewhere; the 1/4 power was the best compromise on SmolLM2 layers (layer_quality.md)."""
+    score = w.abs() * torch.diagonal(sigma).clamp(min=0).pow(0.25)[None, :]
     return top_support(score, r, structured)
 
 

@@ -103,6 +103,26 @@ def check_model_path(model_path):
     return str(model_path), False
 
 
+def check_hub(model_id):
+    """A Hub id needs its files in the local HF cache or a reachable Hub: fail fast instead of retrying."""
+    import socket
+    from urllib.parse import urlparse
+
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_id, local_files_only=True)
+        return  # cached
+    except Exception:
+        pass
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise QuantEaseError(f"model folder {model_id} not found, and the Hugging Face Hub ({host}) is not "
+                             f"reachable to download it; give a local model folder") from None
+
+
 def compute_dtype(config, device):
     """float32 on CPU (half matmuls are slow or missing there); the model's half dtype on CUDA."""
     if device.type == "cpu":
@@ -120,6 +140,8 @@ def load_model(model_path, local, device):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = "model folder" if local else "model (Hub id; no local folder of that name)"
+    if not local:
+        check_hub(model_path)
     try:
         config = AutoConfig.from_pretrained(model_path)
     except Exception as e:

