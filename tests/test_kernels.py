@@ -215,8 +215,20 @@ def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M >= gemm.DEQU
     p = prepare_weights(*w, bits, group_size, 300)
     dense = gemm.dequantize(p, torch.float32)
     no_outliers = (*w[:3], None, None)
-    assert torch.allclose(dense.cpu(), layout.dequantize_packed(*no_outliers, bits, group_size, 300), rtol=0, atol=0)
+    assert torch.equal(dense, layout.dequantize_packed(*no_outliers, bits, group_size, 300))
     x = torch.randn(7, 300).to(DEVICE)
     out = torch.full((7, 40), float("nan"), device=DEVICE)
     b = torch.randn(40).to(DEVICE)
     check(gemm.dequant_matmul(x, p, b, out), reference64(x, w, bits, group_size, 300, b), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_gemv_partial_last_step(dtype):  # K % 256 == 0 but blocks % blocks-per-step != 0 (like K = 11008)
+    from quantease.kernels import gemv
+
+    w = make_weight(16, 768, 3, -1, 0.01, True, 40)
+    p = prepare_weights(*w, 3, -1, 768)
+    x = torch.randn(1, 768).to(dtype).to(DEVICE)
+    out = torch.full((1, 16), float("nan"), dtype=dtype, device=DEVICE)
+    check(gemv.qgemv(x, p, None, out, config=(16, 2, 4, 3)), reference64(x, w, 3, -1, 768, None), dtype)

@@ -7,7 +7,8 @@ the load's 2-D layout, so there is no reshape and no shared-memory shuffle.
 
 Per weight the 3-bit unpack is two LOP3s (no shifts): the code's bits are masked in place (bit p up) and OR-ed
 into the mantissa of 2**(23 - p), whose last place is worth 2**-p, giving the float 2**(23 - p) + c exactly;
-one FADD and the FMA follow.  The next step's words are loaded before this step's math (register prefetch).  Per-channel grids fold the zero out of the loop:
+one FADD and the FMA follow.  The next step's words are loaded before this step's math (register prefetch).
+Per-channel grids fold the zero out of the loop:
     y = s * (sum_k x_k c_k - z * sum_k x_k).
 Other group sizes dequantize per element (gathered scale/zero, L1 hits).  Outliers: after the loop, R slots per
 row: every program gathers the same number of x values (balanced), from x rows already in L1/L2.
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 # (BN, blocks of 256 columns per K step, num_warps, num_stages) by M; chosen on the H100 (benchmarks/kernels.py)
-CONFIGS = {1: (8, 4, 1, 3), 2: (8, 4, 1, 3), 4: (16, 4, 4, 3)}
+CONFIGS = {1: (32, 4, 4, 3), 2: (8, 4, 1, 3), 4: (16, 4, 4, 3)}
 MAX_M = 4
 
 
@@ -59,7 +60,7 @@ def _code3(a, a_hi, hs, h_hi, h_15, j: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _fma_row(acc, xs, x_ptr, kx, kmask, m, M, wv, PER_CHANNEL: tl.constexpr, NO_MASK: tl.constexpr):
     """Row m of x: acc [BN, BKW] += wv * x_m for one code slot; xs [BKW] += x_m (per channel)."""
-    if NO_MASK:  # M == 1 and K % 256 == 0: every x load is in bounds, skip the compare + select per element
+    if NO_MASK:  # M == 1 and whole steps: every x load is in bounds, skip the compare + select per element
         x = tl.load(x_ptr + kx).to(tl.float32)
     else:  # (the row test in tensor form: the interpreter rejects a scalar one)
         x = tl.load(x_ptr + kx, mask=kmask & (kx * 0 + m < M), other=0.0).to(tl.float32)
@@ -219,6 +220,6 @@ def qgemv(x, p, bias, out, config=None, inplace=True, asm=True, prefetch=True):
         BITS=bits, W0=2 if bits == 3 else bits, ZERO=float(2 ** (bits - 1)), HAS_ZEROS=zeros is not None,
         PER_CHANNEL=per_channel, HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None,
         INPLACE=inplace and bits == 3 and per_channel, ASM=x.is_cuda and asm, PREFETCH=prefetch,
-        EVEN_K=k % 256 == 0,
+        EVEN_K=k % (256 * bkb) == 0,  # no partial block, no partial step: every x load in bounds
         BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps, num_stages=stages)
     return out
