@@ -1,6 +1,7 @@
 """GPU benchmark of the fused 3-bit linear (quantease.kernels) against fp16 F.linear (cuBLAS), same run.
 
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --check --sweep --bench --out $OUT
+    PYTHONPATH=$PWD python3 benchmarks/kernels.py --variant half2 --out $OUT   # GEMV v1 vs v2, M <= 4
     python benchmarks/kernels.py --plot benchmarks/results/kernels.csv     # anywhere with matplotlib
 
 Timing: every variant is captured in a CUDA graph that calls it once per weight copy, the copies rotating over
@@ -224,6 +225,67 @@ def bench(args, writer):
                   f"{r[0.0][5]:.0f} | {base / r[0.0][4]:.2f} / {base / r[0.005][4]:.2f} / {base / r[0.01][4]:.2f} |")
 
 
+# GEMV v2 (kernels/gemv_half2.py) candidates: (BN, blocks of 128 columns per step, num_warps)
+HALF2_CFGS = [(16, 16, 8), (16, 8, 4), (32, 8, 4), (8, 16, 4), (16, 32, 8), (32, 16, 8), (64, 8, 8), (8, 8, 2)]
+
+
+def half2_variant(args, writer, shapes=SHAPES, device="cuda"):
+    """GEMV v1 (the default dispatch) vs v2 (half2), M in {1, 2, 4}: correctness on the benchmark shapes (fp16 and
+    bf16, per channel + 1% outliers and groups of 128 + 0.5%), then times: fp16 F.linear, v1, every v2 config.
+    (shapes / device: for a CPU dry run of this code under TRITON_INTERPRET=1 with the timers stubbed.)"""
+    from quantease.kernels import dequantize_prepared, gemv_half2
+    from quantease.kernels.prepare import half2_from_prepared
+
+    print("half2 check: relative error vs float64 reference, v1 / v2 (tolerance fp16 3e-3, bf16 1.5e-2)")
+    for n, k in shapes:
+        for fraction, group_size in ((0.01, -1), (0.005, 128)):
+            p, _ = make_prepared(n, k, 3, group_size, fraction, device=device, seed=1)
+            p2 = half2_from_prepared(p)
+            w64 = dequantize_prepared(p).double()
+            for m in (1, 2, 4):
+                for dtype in (torch.float16, torch.bfloat16):
+                    x = torch.randn(m, k, device=device).to(dtype)
+                    ref = x.double() @ w64.t()
+                    errs = []
+                    for run in (lambda o: run_default(x, p, o), lambda o: gemv_half2.qgemv_half2(x, p2, None, o)):
+                        out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
+                        y = run(out)
+                        err = ((y.double() - ref).norm() / ref.norm()).item()
+                        ok = torch.isfinite(y).all().item() and err < (3e-3 if dtype == torch.float16 else 1.5e-2)
+                        errs.append(f"{err:.1e}{'' if ok else ' FAIL'}")
+                    print(f"  {n}x{k} g={group_size} {fraction:.3f} M={m} {str(dtype)[6:]}: {' / '.join(errs)}")
+            del w64, p, p2
+    fp16 = {}
+    print("\n| N x K | M | outl. | fp16 us | default us (v1 GEMV M<=2, GEMM M=4) | v2 us (best cfg) | v2 asm=False us "
+          "| default / v2 speedup over fp16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, k in shapes:
+        for fraction in (0.0, 0.005):
+            p, _ = make_prepared(n, k, 3, -1, fraction, device=device)
+            p2 = half2_from_prepared(p)
+            for m in (1, 2, 4):
+                base = time_fp16(n, k, m, fp16)
+                v1 = time_kernel(p, m, run_default)
+                best = None
+                for cfg in HALF2_CFGS:
+                    try:
+                        us = time_kernel(p2, m, lambda x, q, o: gemv_half2.qgemv_half2(x, q, None, o, cfg))
+                    except Exception as e:  # a config the compiler rejects
+                        print(f"  half2 {cfg} failed: {str(e).splitlines()[0][:80]}")
+                        continue
+                    writer.writerow(["half2", n, k, m, fraction, f"half2{cfg}", f"{us:.2f}", "", f"{base / us:.3f}",
+                                     f"{base:.2f}"])
+                    best = min(best or (us, cfg), (us, cfg))
+                emu = ""
+                if m == 1 and fraction == 0.0 and n == k == 8192:  # the same kernel without the inline PTX
+                    emu = time_kernel(p2, m, lambda x, q, o: gemv_half2.qgemv_half2(x, q, None, o, best[1], asm=False))
+                    emu = f"{emu:.1f}"
+                writer.writerow(["half2", n, k, m, fraction, "v1", f"{v1:.2f}", "", f"{base / v1:.3f}", f"{base:.2f}"])
+                print(f"| {n}x{k} | {m} | {fraction * 100:g}% | {base:.1f} | {v1:.1f} | {best[0]:.1f} {best[1]} | "
+                      f"{emu} | {base / v1:.2f} / {base / best[0]:.2f} |", flush=True)
+            del p, p2
+
+
 def plot(path, png):
     import matplotlib
     matplotlib.use("Agg")
@@ -255,6 +317,7 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--plot", metavar="CSV")
+    ap.add_argument("--variant", choices=("half2",), help="also compare GEMV v1 with this variant (M <= 4)")
     args = ap.parse_args()
     if args.plot:
         plot(args.plot, os.path.join(os.path.dirname(__file__), "plots", "kernels_speedup.png"))
@@ -272,6 +335,9 @@ def main():
             print(f"[{time.time() - t0:.0f}s]", flush=True)
         if args.bench:
             bench(args, writer)
+            print(f"[{time.time() - t0:.0f}s]", flush=True)
+        if args.variant == "half2":
+            half2_variant(args, writer)
             print(f"[{time.time() - t0:.0f}s]", flush=True)
 
 

@@ -20,6 +20,9 @@ TRITON_INTERPRET=1: that is how CI tests the kernels), "torch".  Pass backend= o
 Triton path: GEMV (kernels/gemv.py) for M <= GEMV_MAX_M rows; fused GEMM (kernels/gemm.py) up to
 gemm.DEQUANT_MIN_M rows; above that (CUDA only) dequantize to a dense weight for this call + cuBLAS.  The
 outliers are fused in the GEMV and a second launch (kernels/outliers.py) after the GEMM / cuBLAS.
+GEMV variant: QUANTEASE_GEMV=half2 sends those GEMV rows to kernels/gemv_half2.py (two weights per logic op)
+where it applies (3-bit, per channel or groups of a multiple of 32, fp16/bf16 x), else they stay on gemv.py;
+unset or "v1" is the default until v2 is measured faster on the GPU (benchmarks/kernels.py --variant).
 """
 import os
 from typing import Optional
@@ -67,6 +70,10 @@ def _forward(x2d, p, bias, backend, out=None):
         return out
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     if m <= GEMV_MAX_M:
+        from quantease.kernels import gemv_half2
+
+        if gemv_half2.selected() == "half2" and gemv_half2.supports(p, x2d):
+            return gemv_half2.qgemv_half2(x2d, gemv_half2.cached_layout(p), bias, out)
         return gemv.qgemv(x2d, p, bias, out)
     if m >= gemm.DEQUANT_MIN_M and x2d.is_cuda:
         return gemm.dequant_matmul(x2d, p, bias, out)

@@ -123,3 +123,91 @@ def dequantize_prepared(p, dtype=torch.float32):
     if p["outlier_idx"] is not None:
         w.scatter_add_(1, p["outlier_idx"].to(torch.int64), p["outlier_val"].to(torch.float32))
     return w.to(dtype)
+
+
+# ---- half2 layout (kernels/gemv_half2.py): 3-bit codes placed so that one LOP3 yields two fp16/bf16 weights ----
+#
+# A run of 32 columns takes 3 int32 words, as in the checkpoint (exactly 3 bits per weight).  Each word is two
+# 16-bit lanes; a lane holds 5 codes at bits 0, 3, 6, 9, 12 and one bit of a 6th code at bit 15.  The two lanes
+# of a word always hold the two columns of one even/odd pair (2P, 2P + 1), so x read as int32 is already the
+# matching half2 and the unpack (code bits OR-ed into the mantissa of a power of two, both lanes at once) gives
+# that pair's weights.  Rows are cut into blocks of 32 Q columns (Q = 4, or 2 / 1 for groups of 64 / 32
+# columns so that a block never straddles a group).  Per block and row, 3 Q words: role r (0..2) word q is at
+# index block * 3Q + r Q + q, and its slot j (0..4) holds column pair P = (5 r + j) Q + q of the block; bit r of
+# pair P = 15 Q + q's codes sits at bits 15 / 31 of role r word q.  So for a fixed slot the Q words of a block
+# need Q consecutive x pairs (one 16-byte vector for Q = 4), and the step needs no gather.
+H2_ROLES = 3  # words per 32 columns
+H2_SLOTS = 5  # whole codes per 16-bit lane
+
+
+def half2_words_per_role(group_size):
+    """Q for a grid: the largest of 4, 2, 1 whose 32 Q-column blocks never straddle a group; None: unsupported."""
+    for q in (4, 2, 1):
+        if group_size == -1 or group_size % (32 * q) == 0:
+            return q
+    return None
+
+
+def half2_supported(bits, group_size):
+    return bits == 3 and half2_words_per_role(group_size) is not None
+
+
+def pack_half2(codes, q):
+    """Integer codes [N, Kb] (Kb a multiple of 32 q) -> int32 [N, Kb // 32 * 3] in the half2 layout."""
+    n, kb = codes.shape
+    c = codes.to(torch.int64).view(n, kb // (32 * q), 16, q, 2)  # [N, block, pair slot, q, lane]
+    words = torch.zeros(n, kb // (32 * q), H2_ROLES, q, dtype=torch.int64, device=codes.device)
+    for r in range(H2_ROLES):
+        for j in range(H2_SLOTS):
+            pair = c[:, :, H2_SLOTS * r + j]
+            words[:, :, r] |= (pair[..., 0] << (3 * j)) | (pair[..., 1] << (16 + 3 * j))
+        spare = (c[:, :, 15] >> r) & 1
+        words[:, :, r] |= (spare[..., 0] << 15) | (spare[..., 1] << 31)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # low 32 bits as int32
+    return words.to(torch.int32).view(n, -1)
+
+
+def codes_from_half2(words, q, k):
+    """Inverse of pack_half2: int32 words [N, W] -> integer codes [N, k] (int32)."""
+    n = words.shape[0]
+    wd = words.to(torch.int64).view(n, -1, H2_ROLES, q) & 0xFFFFFFFF
+    lanes = torch.stack([wd & 0xFFFF, wd >> 16], dim=-1)  # [N, block, r, q, lane]
+    slots = [(lanes[:, :, r] >> (3 * j)) & 7 for r in range(H2_ROLES) for j in range(H2_SLOTS)]
+    spare = sum(((lanes[:, :, r] >> 15) & 1) << r for r in range(H2_ROLES))
+    c = torch.stack(slots + [spare], dim=2)  # [N, block, pair slot, q, lane]
+    return c.reshape(n, -1)[:, :k].to(torch.int32)
+
+
+def _half2_dict(codes, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+    q = half2_words_per_role(group_size)
+    if not half2_supported(bits, group_size):
+        raise QuantEaseError(f"the half2 GEMV takes 3-bit codes with per-channel scales or groups of a multiple "
+                             f"of 32 columns; got bits={bits}, group_size={group_size}")
+    n = codes.shape[0]
+    kb = (in_features + 32 * q - 1) // (32 * q) * (32 * q)
+    padded = torch.zeros(n, kb, dtype=torch.int32, device=codes.device)
+    padded[:, :in_features] = codes[:, :in_features].to(torch.int32)
+    if outlier_idx is not None and outlier_idx.shape[1] == 0:
+        outlier_idx = outlier_val = None
+    return dict(
+        words=pack_half2(padded, q), q=q,
+        scales=scales.contiguous(),
+        zeros=None if zeros is None else zeros.contiguous(),
+        outlier_idx=None if outlier_idx is None else outlier_idx.contiguous(),
+        outlier_val=None if outlier_val is None else outlier_val.contiguous(),
+        bits=bits, group_size=group_size, in_features=in_features, out_features=n)
+
+
+def prepare_half2(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+    """Checkpoint tensors -> dict for kernels/gemv_half2.py (keys: words, q, scales, zeros, outlier_idx,
+    outlier_val, bits, group_size, in_features, out_features).  Call once at load time."""
+    _check(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+    codes = layout.unpack_codes(qweight, bits, in_features)
+    return _half2_dict(codes, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+
+
+def half2_from_prepared(p):
+    """prepare_weights' dict -> prepare_half2's dict (same scales/zeros/outlier tensors, no copies of them)."""
+    codes = codes_from_planes(p["plane0"], p["plane1"], p["bits"], p["in_features"])
+    return _half2_dict(codes, p["scales"], p["zeros"], p["outlier_idx"], p["outlier_val"], p["bits"],
+                       p["group_size"], p["in_features"])

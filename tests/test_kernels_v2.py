@@ -1,0 +1,137 @@
+"""GEMV v2 (kernels/gemv_half2.py, half2 unpack + HFMA2) against the float64 reference.
+
+CPU: the kernel runs under TRITON_INTERPRET=1 with its 16-bit pair arithmetic emulated lane by lane (one round
+per operation, as the PTX does); on a GPU the same cases run the inline-PTX path.  Every run writes into a
+NaN-poisoned output.  Shapes are odd on purpose: partial row tiles, partial 32 Q-column blocks, a partial last
+K step, an odd K (the int32 pair loads need a padded copy of x there).
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit module is imported
+
+from test_kernels import DEVICE, check, make_weight, needs_triton, reference64  # noqa: E402
+
+from quantease.errors import QuantEaseError  # noqa: E402
+from quantease.format import layout  # noqa: E402
+from quantease.kernels import gemv_half2, prepare_weights, qlinear_prepared  # noqa: E402
+from quantease.kernels.prepare import codes_from_half2, half2_from_prepared, prepare_half2  # noqa: E402
+
+
+def run_v2(n, k, group_size, fraction, sym, m, dtype, bias, seed=0, config=None, prefetch=True):
+    w = make_weight(n, k, 3, group_size, fraction, sym, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
+    p = prepare_half2(*w, 3, group_size, k)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    y = gemv_half2.qgemv_half2(x, p, b, out, config=config, prefetch=prefetch)
+    assert y.data_ptr() == out.data_ptr()
+    check(y, reference64(x, w, 3, group_size, k, b), dtype)
+
+
+# M x dtype, cycling shape / grid / outliers / bias so that each value of each is hit.  Grids: per channel
+# (Q = 4), groups of 128 (Q = 4, partial last group), 64 (Q = 2) and 32 (Q = 1); symmetric and asymmetric.
+SHAPES = ((33, 160), (40, 200), (17, 320))  # K covers >= one whole block (its spare-bit pairs are last)
+GRIDS = ((-1, True), (128, False), (64, True), (32, False), (-1, False))
+CASES = [(*SHAPES[i % 3], *GRIDS[i % 5], (0.0, 0.05, 0.02)[i % 3], m, dtype, i % 2 == 0)
+         for i, (m, dtype) in enumerate(itertools.product((1, 3, 5, 16), (torch.float16, torch.bfloat16)))]
+
+
+@needs_triton
+@pytest.mark.parametrize("n,k,group_size,sym,fraction,m,dtype,bias", CASES)
+def test_half2_matches_reference(n, k, group_size, sym, fraction, m, dtype, bias):
+    run_v2(n, k, group_size, fraction, sym, m, dtype, bias)
+
+
+@needs_triton
+@pytest.mark.parametrize("prefetch", (True, False))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_several_steps_and_a_partial_tail(prefetch, dtype):
+    # K = 1000: 8 blocks of 128 (the last partial), 2 blocks per step -> 3 unmasked steps + 1 masked tail
+    run_v2(20, 1000, -1, 0.01, False, 1, dtype, True, seed=3, config=(8, 2, 2), prefetch=prefetch)
+
+
+@needs_triton
+@pytest.mark.parametrize("group_size,m,dtype", ((256, 1, torch.float16), (512, 3, torch.bfloat16)))
+def test_groups_of_several_blocks(group_size, m, dtype):  # 2 / 4 blocks of 128 columns per group
+    run_v2(24, 600, group_size, 0.02, group_size == 512, m, dtype, False, seed=group_size, config=(8, 2, 2))
+
+
+@needs_triton
+@pytest.mark.parametrize("m", (1, 2))
+def test_odd_k_and_strided_x(m):
+    run_v2(24, 97, -1, 0.03, True, m, torch.float16, False, seed=4)  # odd K: x copied with a zero column
+    w = make_weight(24, 128, 3, 32, 0.0, False, 5)
+    p = prepare_half2(*w, 3, 32, 128)
+    big = torch.randn(m, 131).half().to(DEVICE)
+    x = big[:, 1:129]  # odd row stride, 2-byte aligned base
+    out = torch.full((m, 24), float("nan"), dtype=torch.float16, device=DEVICE)
+    check(gemv_half2.qgemv_half2(x, p, None, out), reference64(x, w, 3, 32, 128, None), torch.float16)
+
+
+def test_half2_layout_round_trips():
+    for group_size, k in ((-1, 70), (128, 300), (64, 64), (32, 33)):
+        w = make_weight(9, k, 3, group_size, 0.05, False, 7, device="cpu")
+        p = prepare_half2(*w, 3, group_size, k)
+        assert p["q"] == {-1: 4, 128: 4, 64: 2, 32: 1}[group_size]
+        assert p["words"].shape[1] % (3 * p["q"]) == 0 and p["words"].dtype == torch.int32
+        codes = layout.unpack_codes(w[0], 3, k).to(torch.int32)
+        assert torch.equal(codes_from_half2(p["words"], p["q"], k), codes)
+        p1 = prepare_weights(*w, 3, group_size, k)
+        assert torch.equal(half2_from_prepared(p1)["words"], p["words"])
+
+
+def test_unsupported_inputs_raise_one_clear_error():
+    w = make_weight(8, 96, 3, -1, 0.0, True, 8, device="cpu")
+    p = prepare_half2(*w, 3, -1, 96)
+    for bits in (2, 4, 8):
+        wb = make_weight(8, 96, bits, -1, 0.0, True, 8, device="cpu")
+        with pytest.raises(QuantEaseError, match=f"bits={bits}"):
+            prepare_half2(*wb, bits, -1, 96)
+    w50 = make_weight(8, 100, 3, 50, 0.0, False, 8, device="cpu")
+    with pytest.raises(QuantEaseError, match="group_size=50"):
+        prepare_half2(*w50, 3, 50, 100)
+    with pytest.raises(QuantEaseError, match="float32"):
+        gemv_half2.qgemv_half2(torch.randn(1, 96), p, None, torch.empty(1, 8))
+    with pytest.raises(QuantEaseError, match="prepare_half2"):
+        gemv_half2.qgemv_half2(torch.randn(1, 96).half(), prepare_weights(*w, 3, -1, 96), None,
+                               torch.empty(1, 8).half())
+
+
+@needs_triton
+def test_dispatch_env(monkeypatch):
+    """QUANTEASE_GEMV=half2 routes supported GEMV rows to v2; everything else (other bits, odd groups, fp32 x,
+    the default) stays on v1 and still matches the reference."""
+    calls = []
+    real = gemv_half2.qgemv_half2
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gemv_half2, "qgemv_half2", spy)
+
+    def one(bits, group_size, dtype, k=96):
+        w = make_weight(16, k, bits, group_size, 0.05, False, 9)
+        p = prepare_weights(*w, bits, group_size, k)
+        x = torch.randn(1, k).to(dtype).to(DEVICE)
+        out = torch.full((1, 16), float("nan"), dtype=dtype, device=DEVICE)
+        check(qlinear_prepared(x, p, None, backend="triton", out=out), reference64(x, w, bits, group_size, k, None),
+              dtype)
+        return len(calls)
+
+    assert one(3, -1, torch.float16) == 0  # default: v1
+    monkeypatch.setenv(gemv_half2.GEMV_ENV, "half2")
+    assert one(3, -1, torch.float16) == 1
+    assert one(3, 32, torch.bfloat16) == 2
+    assert one(4, -1, torch.float16) == 2  # other bits: v1
+    assert one(3, 50, torch.float16, k=100) == 2  # groups not a multiple of 32: v1
+    assert one(3, -1, torch.float32) == 2  # fp32 activations: v1
+    monkeypatch.setenv(gemv_half2.GEMV_ENV, "v3")
+    with pytest.raises(QuantEaseError, match="QUANTEASE_GEMV"):
+        one(3, -1, torch.float16)
