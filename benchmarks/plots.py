@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/plots.py
 
   e2e_throughput.png    vLLM decode tok/s vs batch per model, and speedup over fp16 (results/throughput.csv)
-  speedup_vs_batch.png  speedup over fp16 vs tokens per step: the fused kernel alone (results/kernels.csv,
-                        0.5% outliers) next to the whole vLLM model (results/throughput.csv)
-  ppl_vs_bits.png       WikiText-2 perplexity vs storage bits/weight (quality benchmark: .dev/quality/results.json
+  speedup_vs_batch.png  speedup over fp16 vs tokens per step: the whole vLLM model (results/throughput.csv) next to
+                        the fused kernel alone at 0.5% outliers (results/kernels.csv, else the kernels.md table)
+  ppl_vs_bits.png       WikiText-2 perplexity vs storage bits/weight (quality benchmark: .dev/quality/results*.json
                         when present, else the table in results/quality.md)
   quant_time.png        seconds per 8B-shape block per method (results/quant_time.csv)
 A missing input skips its figure with one line saying which file it needs.
@@ -102,11 +102,33 @@ def kernel_speedups(path, fraction=0.005):
     return out
 
 
-def plot_speedup_vs_batch(kern_csv, tp_csv, png, note):
+def kernel_speedups_md(path):
+    """The same from the kernels engineer's table in results/kernels.md ("| NxK | M | ... | a / b / c | ...",
+    speedups at 0% / 0.5% / 1% outliers): the 0.5% column."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        m = re.match(r"\|\s*(\d+)x(\d+)\s*\|\s*(\d+)\s*\|.*\|\s*([\d.]+) / ([\d.]+) / ([\d.]+)\s*\|", line)
+        if m:
+            out.setdefault((int(m.group(1)), int(m.group(2))), {})[int(m.group(3))] = float(m.group(5))
+    return out
+
+
+def kernel_source(res):
+    """(path, {(N, K): {M: speedup}}) from kernels.csv, else kernels.md; (None, {}) if neither."""
+    if (res / "kernels.csv").exists():
+        return res / "kernels.csv", kernel_speedups(res / "kernels.csv")
+    if (res / "kernels.md").exists():
+        sp = kernel_speedups_md(res / "kernels.md")
+        if sp:
+            return res / "kernels.md", sp
+    return None, {}
+
+
+def plot_speedup_vs_batch(kern, tp_csv, png, note):
     p = plt()
     fig, ax = p.subplots(figsize=(7.5, 4.5))
-    if kern_csv is not None:
-        for (n, k), sp in sorted(kernel_speedups(kern_csv).items()):
+    if kern:
+        for (n, k), sp in sorted(kern.items()):
             xs = sorted(sp)
             ax.plot(xs, [sp[x] for x in xs], marker=".", lw=1, alpha=0.7, label=f"kernel {n}x{k}")
     if tp_csv is not None:
@@ -129,11 +151,15 @@ def plot_speedup_vs_batch(kern_csv, tp_csv, png, note):
 
 
 def quality_rows():
-    """[(config, bits/weight, ppl)] from the quality benchmark's JSON, else its markdown table; (rows, source)."""
-    js = ROOT / ".dev/quality/results.json"
-    if js.exists():
-        rows = json.loads(js.read_text())
-        return [(r["name"], float(r["bits_per_weight"]), float(r["ppl"])) for r in rows], js
+    """[(config, bits/weight, ppl)] from the quality benchmark's JSON files (.dev/quality/results*.json, merged
+    by config name), else its markdown table; (rows, source)."""
+    files = sorted((ROOT / ".dev/quality").glob("results*.json"))
+    if files:
+        rows = {}
+        for js in files:
+            for r in json.loads(js.read_text()):
+                rows.setdefault(r["name"], (r["name"], float(r["bits_per_weight"]), float(r["ppl"])))
+        return list(rows.values()), files[0].parent / "results*.json"
     md = RES / "quality.md"
     if not md.exists():
         return [], None
@@ -164,13 +190,14 @@ def plot_quality(rows, png, source):
 
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
+    ax.margins(x=0.15)
     ax.set_xlabel("storage bits / weight (codes + scales + zeros + outlier slots)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("SmolLM2-135M-Instruct: perplexity vs bits/weight")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"from {source.relative_to(ROOT)}", fontsize=8)
+    fig.suptitle(f"from {source.relative_to(ROOT)}; {len(rows)} configs measured so far", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     p.close(fig)
@@ -211,20 +238,20 @@ def main():
     res, out = Path(args.results), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tp = res / "throughput.csv"
-    kern = res / "kernels.csv"
     qt = res / "quant_time.csv"
     made = []
     if tp.exists():
         made.append(plot_e2e(tp, out / "e2e_throughput.png", args.note))
     else:
         print(f"skip e2e_throughput.png: needs {tp} (benchmarks/throughput.py on the GPU)")
-    if tp.exists() or kern.exists():
-        if not kern.exists():
-            print(f"speedup_vs_batch.png: no {kern} (benchmarks/kernels.py --bench writes it): end-to-end only")
-        made.append(plot_speedup_vs_batch(kern if kern.exists() else None, tp if tp.exists() else None,
-                                          out / "speedup_vs_batch.png", args.note))
+    ksrc, kern = kernel_source(res)
+    if tp.exists():
+        if not kern:
+            print(f"speedup_vs_batch.png: no kernels.csv / kernels.md table in {res}: end-to-end only")
+        note = args.note + (f"; kernels from {ksrc.name}" if kern else "")
+        made.append(plot_speedup_vs_batch(kern, tp, out / "speedup_vs_batch.png", note))
     else:
-        print(f"skip speedup_vs_batch.png: needs {kern} or {tp}")
+        print(f"skip speedup_vs_batch.png: needs {tp} (the kernel-only plot is kernels.py's kernels_speedup.png)")
     rows, source = quality_rows()
     if any(name != "fp16" for name, _, _ in rows):
         made.append(plot_quality(rows, out / "ppl_vs_bits.png", source))
