@@ -41,14 +41,14 @@ def run_config(name, opts, args, work):
     from quantease.quantize.pipeline import quantize_model
 
     if opts is None:
-        res = evaluate(args.model, args.data, seqlen=2048, limit=args.eval_limit, device="cpu")
+        res = evaluate(args.model, args.data, seqlen=2048, limit=args.eval_limit, device=args.device)
         return dict(name=name, ppl=res["ppl"], windows=res["windows"], bits_per_weight=16.0, seconds=0.0,
                     quant_seconds=0.0)
     out = work / name
     report = quantize_model(args.model, out, calib_spec=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                            device="cpu", seed=0, overwrite=True, **opts)
+                            device=args.device, seed=0, overwrite=True, **opts)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    res = evaluate(out, args.data, seqlen=2048, limit=args.eval_limit, device="cpu", dense=True)
+    res = evaluate(out, args.data, seqlen=2048, limit=args.eval_limit, device=args.device, dense=True)
     return dict(name=name, ppl=res["ppl"], windows=res["windows"], bits_per_weight=qc["bits_per_weight"],
                 seconds=report["seconds"], quant_seconds=sum(r["seconds"] for r in report["layers"].values()),
                 mean_rel_error=sum(r["rel_error"] for r in report["layers"].values()) / len(report["layers"]))
@@ -77,8 +77,9 @@ def write_md(rows, args, path):
         "",
         f"Command: `.venv/bin/python benchmarks/quality.py --nsamples {args.nsamples} --seqlen {args.seqlen} "
         f"--eval-limit {args.eval_limit}`  ",
-        f"Machine: CPU only ({os.cpu_count()} cores, {cpu}, torch {torch.__version__}, float32 compute), shared "
-        f"with other jobs; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+        (f"Machine: CPU only ({os.cpu_count()} cores, {cpu}, torch {torch.__version__}, float32 compute), shared "
+         f"with other jobs; " if args.device == "cpu" else f"Device: {args.device}; ")
+        + f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
         f"Calibration: {args.nsamples} random windows x {args.seqlen} tokens of c4_sample.jsonl (seed 0); "
         f"all linears of a block from one pass (not true-sequential).  ",
         "Eval: WikiText-2 raw test rows joined with \"\\n\\n\", non-overlapping 2048-token windows, "
@@ -100,7 +101,9 @@ def write_md(rows, args, path):
     missing = [n for n in args.configs if n not in {r["name"] for r in rows}]
     lines += ["", "Targets:"] + (targets(rows) or ["- (not enough configs finished yet)"])
     if missing:
-        lines += ["", f"Not run (out of time on this CPU): {', '.join(missing)}."]
+        lines += ["", f"Not finished in this session: {', '.join(missing)}."]
+    if args.note:
+        lines += ["", args.note]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -117,6 +120,9 @@ def main():
     p.add_argument("--work", default=str(ROOT / ".dev/quality"), help="where checkpoints are written")
     p.add_argument("--json", default=None, help="results file (default: WORK/results.json)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/quality.md"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (quantization and eval)")
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown from the results file")
+    p.add_argument("--note", default="", help="a status paragraph appended to the markdown")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print its row
     args = p.parse_args()
     args.configs = [c for c in args.configs.split(",") if c]
@@ -127,6 +133,9 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     jpath = Path(args.json or work / "results.json")
     rows = json.loads(jpath.read_text()) if jpath.exists() else []
+    if args.render:
+        write_md(rows, args, Path(args.out))
+        return
     if args.one:
         print("ROW " + json.dumps(run_config(args.one, CONFIGS[args.one], args, work)), flush=True)
         return

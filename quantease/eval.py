@@ -164,7 +164,7 @@ def perplexity(model, windows, device=None, progress=None):
 
     device = device or next(model.parameters()).device
     nlls = []
-    for row in tqdm(windows, desc="ppl", disable=progress):
+    for row in tqdm(windows, desc="ppl", disable=None if progress is None else not progress):
         ids = row[None].to(device)
         logits = model(ids, use_cache=False).logits[0, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="mean")

@@ -231,3 +231,10 @@ def test_dtype_cast_keeps_scales_exact(tiny, tmp_path):
     assert m.scales.dtype == torch.float16 and torch.equal(m.scales, before)
     assert m.outlier_val.dtype == torch.float16 and m.bias is None
     assert model.model.norm.weight.dtype == torch.bfloat16
+
+
+def test_importing_hf_module_first_registers():
+    # importing the integration module before transformers' registry used to recurse into a half-imported module
+    code = ("import quantease.runtime.hf; import transformers.quantizers.auto as a; "
+            "assert 'quantease' in a.AUTO_QUANTIZER_MAPPING and 'quantease' in a.AUTO_QUANTIZATION_CONFIG_MAPPING")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)

@@ -167,7 +167,7 @@ def test_discovery_and_quantize_each_family(tmp_path, family, work):
     found, blocks = discover.find_blocks(model)
     assert found == name and len(blocks) == 2
     if groups is not None:
-        hs = torch.randn(1, 8, blocks[0].parameters().__next__().shape[-1])
+        hs = torch.randn(1, 8, model.config.get_text_config().hidden_size)
         calls = pipeline.block_call_args(model, blocks, torch.arange(8)[None], torch.device("cpu"))
         assert discover.linear_groups(blocks[0], lambda: pipeline.run_block(blocks[0], hs, calls[0], "cpu")) == groups
     out = tmp_path / "q"
@@ -178,6 +178,8 @@ def test_discovery_and_quantize_each_family(tmp_path, family, work):
     fp = evaluate(path, work / "calib.txt", seqlen=64, limit=3, device="cpu")["ppl"]
     q = evaluate(out, work / "calib.txt", seqlen=64, limit=3, device="cpu", dense=True)["ppl"]
     assert q == pytest.approx(fp, rel=0.01)  # 8-bit RTN: the same model up to rounding
+    rt = evaluate(out, work / "calib.txt", seqlen=64, limit=3, device="cpu")["ppl"]  # through quantease.runtime
+    assert rt == pytest.approx(q, rel=1e-3)
 
 
 def test_no_block_stack_is_a_clear_error():
@@ -320,3 +322,34 @@ def test_smollm2_quantease_outliers_real_run(smollm2_dir, c4_path, wikitext_path
 def test_hub_id_without_a_reachable_hub(work, tmp_path, capsys):
     msg = bad(work, tmp_path, capsys, ["no-such-org-quantease/no-such-model", "--calib", "{work}/calib.txt"])
     assert "no-such-org-quantease/no-such-model" in msg
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offload", [False, True])
+def test_cuda_run_matches_cpu_run(work, tmp_path, monkeypatch, offload):
+    """On the GPU (fp16 blocks, one at a time; activations on the GPU or offloaded to the CPU) the checkpoint
+    computes nearly what the CPU (fp32) run's does."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from quantease.eval import evaluate
+    if offload:
+        monkeypatch.setattr(pipeline, "keep_on_device", lambda n, device: False)
+    args = ("--method", "quantease", "--outliers", "0.05", "--sweeps", "3")
+    assert quantize(work, tmp_path / "gpu", *args, "--device", "cuda") == 0
+    assert quantize(work, tmp_path / "cpu", *args, "--device", "cpu") == 0
+    ppl = {d: evaluate(tmp_path / d, work / "calib.txt", seqlen=64, limit=3, device="cpu", dense=True)["ppl"]
+           for d in ("gpu", "cpu")}
+    assert ppl["gpu"] == pytest.approx(ppl["cpu"], rel=0.02)
+    rel = {d: report(tmp_path / d)["layers"]["model.layers.1.mlp.down_proj"]["rel_error"] for d in ("gpu", "cpu")}
+    assert rel["gpu"] == pytest.approx(rel["cpu"], rel=0.2)
+
+
+@pytest.mark.parametrize("source", ["jsonl", "self"])
+def test_quantize_from_jsonl_and_self_calibration(work, tmp_path, source):
+    from pipeline_helpers import write_jsonl
+    spec = "self" if source == "self" else str(write_jsonl(tmp_path / "c.jsonl", [corpus(3000, seed=s) for s in range(3)]))
+    out = tmp_path / "q"
+    assert main(["quantize", str(work / "tiny"), "--out", str(out), "--calib", spec, "--nsamples", "3",
+                 "--seqlen", "48", "--method", "gptq"]) == 0
+    cal = report(out)["calibration"]
+    assert cal == {"source": spec, "nsamples": 3, "seqlen": 48, "seed": 0}

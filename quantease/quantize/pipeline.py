@@ -451,7 +451,9 @@ def keep_on_device(n_values, device):
 def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_size=-1, sym=False, outliers=None,
                    structured_outliers=False, sweeps=None, damp=0.01, true_sequential=False, calib_spec,
                    nsamples=128, seqlen=2048, device=None, seed=0, overwrite=False, progress=None):
-    """Quantize a whole HF decoder into a quantease checkpoint at out_dir; returns the report dict."""
+    """Quantize a whole HF decoder into a quantease checkpoint at out_dir; returns the report dict.
+
+    progress: show tqdm bars (None: only on a terminal)."""
     from tqdm.auto import tqdm
 
     from quantease.format.checkpoint import check_target, write_checkpoint
@@ -507,20 +509,24 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
 
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else None
     store = dev if keep_on_device(nsamples * seqlen * (hidden or 0), dev) else torch.device("cpu")
-    move_outside(model, blocks, dev)
-    calls = block_call_args(model, blocks, ids[:1], dev)
-    if start == 0:
-        inputs = first_block_inputs(model, blocks, ids, dev, store)
-    else:
-        inputs = [t.to(store) for t in torch.load(pdir / f"inputs_{start:04d}.pt")]
-        done, _ = load_blocks(pdir, start)
-        for name, qw in done.items():
-            discover.set_weight(model.get_submodule(name), qw.dequantize())
-    move_outside(model, blocks, "cpu")
-
     results, rows = load_blocks(pdir, start)
+    for name, qw in results.items():  # blocks finished by an earlier run
+        discover.set_weight(model.get_submodule(name), qw.dequantize())
+    try:
+        move_outside(model, blocks, dev)
+        calls = block_call_args(model, blocks, ids[:1], dev)
+        if start == 0:
+            inputs = first_block_inputs(model, blocks, ids, dev, store)
+        else:
+            inputs = [t.to(store) for t in torch.load(pdir / f"inputs_{start:04d}.pt")]
+        move_outside(model, blocks, "cpu")
+    except torch.cuda.OutOfMemoryError:
+        raise QuantEaseError("out of GPU memory while capturing the inputs of the blocks: lower --nsamples or "
+                             "--seqlen, or use --device cpu") from None
+
     interrupt_after = os.environ.get(INTERRUPT_ENV)
-    bar = tqdm(range(start, len(blocks)), desc="blocks", initial=start, total=len(blocks), disable=progress)
+    hide = None if progress is None else not progress
+    bar = tqdm(range(start, len(blocks)), desc="blocks", initial=start, total=len(blocks), disable=hide)
     for i in bar:
         block = blocks[i]
         prefix = f"{block_name}.{i}" if block_name else str(i)
@@ -528,7 +534,7 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
             block.to(dev)
             call = to_device(calls[i], dev)
             with tqdm(total=len(discover.find_linears(block)), desc=f"block {i}", leave=False,
-                      disable=progress) as lbar:
+                      disable=hide) as lbar:
                 res, rws = quantize_block(block, prefix, inputs, call, dev, opts, true_sequential, lbar)
             inputs = block_outputs(block, inputs, call, dev, store)
             block.to("cpu")
@@ -548,6 +554,9 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
     convert_conv1d(model, results)
     quant_config = dict(bits=bits, group_size=group_size, sym=sym, outlier_fraction=outliers,
                         structured_outliers=structured_outliers, method=method)
+    from quantease.quantize import DEFAULTS
+
+    sweeps = DEFAULTS.get(method, {}).get("sweeps") if sweeps is None else sweeps
     report = dict(seconds=seconds, sweeps=sweeps, damp=damp, true_sequential=true_sequential,
                   block_stack=block_name,
                   calibration=dict(source=str(calib_spec), nsamples=nsamples, seqlen=seqlen, seed=seed),

@@ -11,6 +11,9 @@ REGISTRY = "transformers.quantizers.auto"
 
 
 def register():
+    hf = sys.modules.get("quantease.runtime.hf")
+    if hf is not None and not hasattr(hf, "load"):
+        return  # hf.py is being imported right now (it imports the registry); it registers at its end
     from quantease.runtime.hf import register as hf_register
 
     hf_register()

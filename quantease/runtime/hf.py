@@ -118,3 +118,6 @@ def load(ckpt_dir, device="cpu", dtype=torch.float16):
     register()
     model = AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=dtype, device_map=device)
     return model.eval()
+
+
+register()  # importing this module first is fine too: the registry hook defers to this line
