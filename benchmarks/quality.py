@@ -116,7 +116,7 @@ def main():
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval-limit", type=int, default=None, help="first N WikiText-2 windows only")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from " + ", ".join(CONFIGS).replace("%", "%%"))
     p.add_argument("--work", default=str(ROOT / ".dev/quality"), help="where checkpoints are written")
     p.add_argument("--json", default=None, help="results file (default: WORK/results.json)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/quality.md"))

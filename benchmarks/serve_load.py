@@ -2,17 +2,20 @@
 
     python benchmarks/serve_load.py http://127.0.0.1:8000/v1 [--clients 64] [--duration 120] [--max-tokens 64]
 
+Plain HTTP (urllib, one thread per client): no client library needed on the machine under test.
 N clients loop for `duration` seconds, each sending streamed completions (ignore_eos, so every request must
 return exactly --max-tokens tokens). Requests in flight when the time is up are waited for (--drain seconds).
 Reports: requests ok / errors / lost (no final chunk, wrong token count, or unfinished after the drain),
 TTFT and TPOT p50/p99, output tokens/s. Exit status 1 when any request erred or was lost.
 """
 import argparse
-import asyncio
 import json
 import statistics
 import sys
+import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, wait
 
 
 def pct(xs, q):
@@ -22,64 +25,80 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-async def one_request(client, model, prompt, max_tokens, stats):
+def get_json(url, timeout=60):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def stream_completion(url, body, timeout):
+    """Yield (arrival time, parsed chunk) of one streamed completion (server-sent events)."""
+    req = urllib.request.Request(url + "/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            yield time.perf_counter(), json.loads(data)
+
+
+def one_request(args, model, prompt, stats, lock):
+    body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
     t0 = time.perf_counter()
-    first = last = None
-    n = 0
-    finish = usage = None
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True},
-                                             extra_body={"ignore_eos": True})
-    async for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage.completion_tokens
-        for ch in chunk.choices:
-            if ch.text:
-                now = time.perf_counter()
+    first = last = finish = usage = None
+    for now, chunk in stream_completion(args.url, body, args.request_timeout):
+        if chunk.get("usage"):
+            usage = chunk["usage"]["completion_tokens"]
+        for ch in chunk.get("choices", []):
+            if ch.get("text"):
                 first = first or now
                 last = now
-                n += 1
-            finish = ch.finish_reason or finish
-    if finish is None or usage != max_tokens or first is None:
-        stats["lost"] += 1
-        stats["lost_why"].append(f"finish={finish} tokens={usage}")
-        return
-    stats["ok"] += 1
-    stats["tokens"] += usage
-    stats["ttft"].append(first - t0)
-    if usage > 1:
-        stats["tpot"].append((last - first) / (usage - 1))
+            finish = ch.get("finish_reason") or finish
+    with lock:
+        if finish is None or usage != args.max_tokens or first is None:
+            stats["lost"] += 1
+            stats["lost_why"].append(f"finish={finish} tokens={usage}")
+            return
+        stats["ok"] += 1
+        stats["tokens"] += usage
+        stats["ttft"].append(first - t0)
+        if usage > 1:
+            stats["tpot"].append((last - first) / (usage - 1))
 
 
-async def client_loop(i, client, model, args, stats, deadline):
+def client_loop(i, args, model, stats, lock, deadline):
     k = 0
     while time.perf_counter() < deadline:
         prompt = f"Client {i}, request {k}: write a short story about a lighthouse keeper."
-        stats["sent"] += 1
+        with lock:
+            stats["sent"] += 1
         try:
-            await one_request(client, model, prompt, args.max_tokens, stats)
-        except Exception as e:  # the server's answer or the connection: both count as errors
-            stats["errors"] += 1
-            stats["error_msgs"].append(f"{type(e).__name__}: {str(e)[:200]}")
+            one_request(args, model, prompt, stats, lock)
+        except Exception as e:  # an HTTP error status or a broken connection: both count as errors
+            with lock:
+                stats["errors"] += 1
+                stats["error_msgs"].append(f"{type(e).__name__}: {str(e)[:200]}")
         k += 1
 
 
-async def run(args):
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=args.url, api_key="none", max_retries=0, timeout=args.request_timeout)
-    model = args.model or (await client.models.list()).data[0].id
+def run(args):
+    model = args.model or get_json(args.url + "/models")["data"][0]["id"]
     stats = dict(sent=0, ok=0, errors=0, lost=0, tokens=0, ttft=[], tpot=[], error_msgs=[], lost_why=[])
+    lock = threading.Lock()
     t0 = time.perf_counter()
     deadline = t0 + args.duration
-    tasks = [asyncio.create_task(client_loop(i, client, model, args, stats, deadline)) for i in range(args.clients)]
-    done, pending = await asyncio.wait(tasks, timeout=args.duration + args.drain)
-    for t in pending:  # still in flight after the drain: lost
-        t.cancel()
-    stats["lost"] += len(pending)
+    pool = ThreadPoolExecutor(args.clients)
+    futures = [pool.submit(client_loop, i, args, model, stats, lock, deadline) for i in range(args.clients)]
+    _, pending = wait(futures, timeout=args.duration + args.drain)
+    with lock:
+        stats["lost"] += len(pending)  # clients whose last request was still in flight after the drain
     stats["wall_s"] = time.perf_counter() - t0
     stats["model"] = model
-    await client.close()
+    pool.shutdown(wait=False, cancel_futures=True)
     return stats
 
 
@@ -108,7 +127,7 @@ def main(argv=None):
     p.add_argument("--request-timeout", type=float, default=900.0)
     p.add_argument("--json", default=None, help="also write the summary here")
     args = p.parse_args(argv)
-    out = summary(asyncio.run(run(args)), args)
+    out = summary(run(args), args)
     print("| " + " | ".join(out) + " |")
     print("|" + "---|" * len(out))
     print("| " + " | ".join(str(v) for v in out.values()) + " |")

@@ -4,11 +4,14 @@
 #   bash scripts/demo.sh              SmolLM2-135M-Instruct
 #   bash scripts/demo.sh HF_FOLDER    any Hugging Face causal-LM folder instead
 # Knobs (environment): QUANTEASE_DEMO_DIR (work folder, default .cache/demo), DEMO_PORT (8000),
-#   DEMO_NSAMPLES (8), DEMO_SEQLEN (128), DEMO_GROUP_SIZE (64), DEMO_OUTLIERS (0.005).
+#   DEMO_NSAMPLES (8), DEMO_SEQLEN (128), DEMO_GROUP_SIZE (64), DEMO_OUTLIERS (0.005),
+#   DEMO_NO_ENV=1 (use the python on PATH as is, instead of scripts/env.sh making/refreshing .venv).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-source "$root/scripts/env.sh"
-set -euo pipefail  # env.sh may run with other options
+if [ -z "${DEMO_NO_ENV:-}" ]; then
+    source "$root/scripts/env.sh"
+    set -euo pipefail  # env.sh may run with other options
+fi
 cd "$root"
 
 work=${QUANTEASE_DEMO_DIR:-$root/.cache/demo}

@@ -125,8 +125,11 @@ def quantize(src, out, *args, env=None):
 
 def greedy_reference(folder, n=16):
     """(prompt ids, transformers' greedy continuation) on the quantized checkpoint, float32."""
+    import transformers.quantizers  # noqa: F401  see below
     from transformers import AutoTokenizer
 
+    # imported after transformers.quantizers: the other order currently hits a circular import in
+    # quantease.runtime's registration hook (reported to the runtime owner)
     import quantease.runtime
 
     model = quantease.runtime.load(folder, dtype=torch.float32)
