@@ -4,7 +4,7 @@
 #   bash scripts/demo.sh              SmolLM2-135M-Instruct
 #   bash scripts/demo.sh HF_FOLDER    any Hugging Face causal-LM folder instead
 # Knobs (environment): QUANTEASE_DEMO_DIR (work folder, default .cache/demo), DEMO_PORT (8000),
-#   DEMO_NSAMPLES (8), DEMO_SEQLEN (128), DEMO_GROUP_SIZE (64), DEMO_OUTLIERS (0.005),
+#   DEMO_NSAMPLES (8), DEMO_SEQLEN (128), DEMO_GROUP_SIZE (64), DEMO_OUTLIERS (0.005), DEMO_SWEEPS (3),
 #   DEMO_NO_ENV=1 (use the python on PATH as is, instead of scripts/env.sh making/refreshing .venv).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,7 +28,7 @@ quantized=$work/$(basename "$model")-qe3
 if [ ! -f "$quantized/config.json" ]; then
     # data-free calibration (text the model samples itself): nothing to download
     python -m quantease.cli quantize "$model" --out "$quantized" --method quantease --bits 3 \
-        --group-size "${DEMO_GROUP_SIZE:-64}" --outliers "${DEMO_OUTLIERS:-0.005}" \
+        --group-size "${DEMO_GROUP_SIZE:-64}" --outliers "${DEMO_OUTLIERS:-0.005}" --sweeps "${DEMO_SWEEPS:-3}" \
         --calib self --nsamples "${DEMO_NSAMPLES:-8}" --seqlen "${DEMO_SEQLEN:-128}"
 fi
 

