@@ -91,3 +91,14 @@ def test_clip_weighted_by_column_importance():
     weight[0] = 1e4
     weighted, _ = grid.fit(w, 3, clip=True, col_weight=weight)
     assert (unweighted < plain).all() and torch.equal(weighted, plain)
+
+
+def test_fit_scales_are_fp16_exact():
+    # the checkpoint stores scales in fp16 and the pipeline writes back qw.dequantize(): the two agree only
+    # because fit returns fp16-representable scales
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(17, 96, generator=g) * torch.logspace(-6, 1, 17)[:, None]
+    for sym in (False, True):
+        for clip in (False, True):
+            scale, _ = grid.fit(w, 3, 32, sym, clip)
+            assert torch.equal(scale, scale.half().float())

@@ -340,9 +340,8 @@ def quantize_linear(module, sigma, opts):
     t0 = time.time()
     qw = quantize_weight(w, sigma, **opts)
     seconds = time.time() - t0
-    # the checkpoint stores scales in fp16: round them now, so the weights written back (which the
-    # next blocks' calibration inputs flow through) and the reported error are the stored model's
-    qw = replace(qw, scale=qw.scale.to(torch.float16).to(torch.float32))
+    # grid.fit already fits fp16-representable scales, so `deq` (written back, and what the next blocks'
+    # calibration inputs flow through) and the reported error are exactly the stored model's
     deq = qw.dequantize()
     _, rel = layer_error(w, deq, sigma)
     discover.set_weight(module, deq)
