@@ -30,6 +30,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 METHODS = {  # column name -> quantize_weight options
     "rtn": dict(method="rtn"),
     "gptq": dict(method="gptq"),
+    "qe fixed grid": dict(method="quantease", refit=False, rounds=1),  # the defaults before grid refit
     "quantease": dict(method="quantease"),
     "qe+0.5%": dict(method="quantease", outlier_fraction=0.005),
     "qe+1%": dict(method="quantease", outlier_fraction=0.01),
@@ -112,17 +113,19 @@ def smollm_layers(blocks, nsamples, seqlen, cache=None):
 
 
 def table(layers, bits_list, methods):
-    rows = [f"| layer | bits | {' | '.join(methods)} | qe/gptq | qe+0.5%/qe |",
-            "|---|---|" + "---|" * (len(methods) + 2)]
+    rows = [f"| layer | bits | {' | '.join(methods)} | qe/gptq | qe/fixed | qe+0.5%/qe | qe+1%/qe | seconds qe, gptq |",
+            "|---|---|" + "---|" * (len(methods) + 5)]
     for bits in bits_list:
         for name, (w, s) in layers.items():
-            rel = {}
+            rel, sec = {}, {}
             for col, opts in methods.items():
                 q = quantize_weight(w, s, bits=bits, **opts)
-                rel[col] = q.info["rel_error"]
+                rel[col], sec[col] = q.info["rel_error"], q.info["seconds"]
             ratio = lambda a, b: f"{rel[a] / rel[b]:.3f}" if a in rel and b in rel else "-"
             rows.append(f"| {name} | {bits} | " + " | ".join(f"{rel[c]:.5f}" for c in methods)
-                        + f" | {ratio('quantease', 'gptq')} | {ratio('qe+0.5%', 'quantease')} |")
+                        + f" | {ratio('quantease', 'gptq')} | {ratio('quantease', 'qe fixed grid')}"
+                        + f" | {ratio('qe+0.5%', 'quantease')} | {ratio('qe+1%', 'quantease')}"
+                        + f" | {sec.get('quantease', 0):.2f}, {sec.get('gptq', 0):.2f} |")
             print(rows[-1], flush=True)
     return rows
 
@@ -136,7 +139,9 @@ def study(layers, bits, max_sweeps=20):
         rel["gptq"].append(quantize_weight(w, s, bits=bits, method="gptq").info["rel_error"])
         for init in ("w", "rtn", "gptq"):
             for ao in (False, True):
-                q = quantize_weight(w, s, bits=bits, method="quantease", init=init, act_order=ao, sweeps=max_sweeps)
+                # one round: info["rel_errors"] is then one entry per sweep
+                q = quantize_weight(w, s, bits=bits, method="quantease", init=init, act_order=ao, sweeps=max_sweeps,
+                                    rounds=1)
                 errs = q.info["rel_errors"]
                 for c in checkpoints:
                     # early stop (no code changed) means later sweeps would give the same error
@@ -150,39 +155,61 @@ def study(layers, bits, max_sweeps=20):
     return rows
 
 
-def gpu_timing():
+def gpu_timing(reps=3):
+    """Seconds per quantize_weight call on CUDA (median of reps runs), and the ratio to GPTQ with the
+    same group size (issue 7: quantease <= 3x gptq)."""
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows = ["| q x p | method | seconds | of which init | rel error |", "|---|---|---|---|---|"]
+    rows = ["| q x p | method | seconds (median of 3) | of which init | rel error | x gptq time |",
+            "|---|---|---|---|---|---|"]
     w0, s0 = torch.randn(256, 512, device=dev), correlated_sigma(512, device=dev)
     for opts in METHODS.values():  # warm-up: Triton compile, cuBLAS handles
         quantize_weight(w0, s0, bits=3, sweeps=None if opts["method"] != "quantease" else 2, **opts)
     variants = {
         "gptq": dict(method="gptq"),
         "gptq, no clip": dict(method="gptq", clip=False),
-        "quantease 5 sweeps": dict(method="quantease", sweeps=5),
-        "quantease 10 sweeps": dict(method="quantease", sweeps=10),
-        "quantease 5 sweeps, init=w": dict(method="quantease", sweeps=5, init="w"),
-        "quantease 5 sweeps, torch sweep (no Triton)": dict(method="quantease", sweeps=5, no_triton=True),
-        "quantease+0.5% 5 sweeps": dict(method="quantease", sweeps=5, outlier_fraction=0.005),
+        "quantease defaults (10 sweeps, refit, 2 rounds)": dict(method="quantease"),
+        "quantease 10 sweeps, refit, 1 round": dict(method="quantease", rounds=1),
+        "quantease 5 sweeps, refit, 2 rounds": dict(method="quantease", sweeps=5),
+        "quantease 10 sweeps, fixed grid, 1 round (old default)": dict(method="quantease", refit=False, rounds=1),
+        "quantease 5 sweeps, fixed grid, 1 round": dict(method="quantease", sweeps=5, refit=False, rounds=1),
+        "quantease 5 sweeps, init=w, fixed grid": dict(method="quantease", sweeps=5, init="w", refit=False, rounds=1),
+        "quantease 5 sweeps, torch sweep (no Triton), fixed grid": dict(method="quantease", sweeps=5, refit=False,
+                                                                        rounds=1, no_triton=True),
+        "quantease+0.5% defaults (10 sweeps, refit, 2 rounds)": dict(method="quantease", outlier_fraction=0.005),
+        "quantease+0.5% 5 sweeps, fixed grid, 1 round (old)": dict(method="quantease", sweeps=5,
+                                                                  outlier_fraction=0.005, refit=False, rounds=1),
+        "gptq g128": dict(method="gptq", group_size=128),
+        "quantease defaults g128": dict(method="quantease", group_size=128),
+        "quantease g128, fixed grid, 1 round (old)": dict(method="quantease", group_size=128, refit=False, rounds=1),
     }
     for n, k in ((4096, 4096), (11008, 4096)):
         g = torch.Generator(device=dev).manual_seed(0)
         w = torch.randn(n, k, device=dev, generator=g) * 0.02
         s = correlated_sigma(k, tokens=8192, device=dev)
+        quantize_weight(w, s, bits=3, method="gptq")  # warm-up at this size (allocator, cuBLAS plans)
+        t_gptq = {}
         for name, opts in variants.items():
             opts = dict(opts)
-            if opts.pop("no_triton", False):
-                os.environ["QUANTEASE_NO_TRITON"] = "1"
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            q = quantize_weight(w, s, bits=3, **opts)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            os.environ.pop("QUANTEASE_NO_TRITON", None)
+            no_triton = opts.pop("no_triton", False)
+            times = []
+            for _ in range(1 if no_triton else reps):  # median of `reps` runs (single runs varied +-20%)
+                if no_triton:
+                    os.environ["QUANTEASE_NO_TRITON"] = "1"
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                q = quantize_weight(w, s, bits=3, **opts)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                os.environ.pop("QUANTEASE_NO_TRITON", None)
+            dt = statistics.median(times)
             init_s = q.info.get("init_seconds")
             init_s = "-" if init_s is None else f"{init_s:.3f}"
-            rows.append(f"| {n}x{k} | {name} | {dt:.3f} | {init_s} | {q.info['rel_error']:.5f} |")
+            gs = opts.get("group_size", -1)
+            if opts["method"] == "gptq" and opts.get("clip", True):
+                t_gptq[gs] = dt
+            rows.append(f"| {n}x{k} | {name} | {dt:.3f} | {init_s} | {q.info['rel_error']:.5f} "
+                        f"| {dt / t_gptq[gs]:.2f} |")
             print(rows[-1], flush=True)
     return rows
 

@@ -38,6 +38,8 @@ def test_unstructured_outliers(init, fraction):
     assert (q.outlier_idx[:, 1:] > q.outlier_idx[:, :-1]).all()  # sorted, distinct
     assert q.num_outliers <= 16 * r and (q.outlier_weight() != 0).sum(1).max() <= r
     _on_grid(q, w)
+    assert torch.equal(q.scale, q.scale.half().float())  # the (refitted) scales stay fp16-exact
+    assert torch.equal(q.zero, q.zero.round()) and q.zero.min() >= 0 and q.zero.max() <= 7
     f = f_of(w, q.dequantize(), s)
     assert f < 0.7 * f_of(w, plain.dequantize(), s)
     # the reported error is that of the stored (fp16) values
@@ -78,3 +80,29 @@ def test_too_few_slots_gives_empty_ell():
     w, s = make_layer(4, 20)
     q = quantize_weight(w, s, bits=3, outlier_fraction=0.01)  # 0.01 * 20 < 1 slot
     assert q.outlier_idx.shape == (4, 0) and q.num_outliers == 0
+
+
+def test_extremes_support_takes_the_split_that_shrinks_the_range():
+    from quantease.quantize.outliers import extremes_support
+    g = torch.Generator().manual_seed(17)
+    w = torch.randn(3, 64, generator=g) * 0.1
+    w[0, [3, 40]] = 5.0             # two big positive weights: both slots from the top
+    w[1, 7], w[1, 50] = 5.0, -5.0   # one each side
+    w[2, [10, 20]] = -5.0           # two big negative weights
+    idx = extremes_support(w, torch.eye(64), 2, bits=3, clip=True)
+    assert [sorted(row) for row in idx.tolist()] == [[3, 40], [7, 50], [10, 20]]
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_outlier_rounds_keep_the_better_row(group_size):
+    w, s = _layer(18)
+    one = quantize_weight(w, s, bits=3, sweeps=4, outlier_fraction=0.03, rounds=1, group_size=group_size)
+    two = quantize_weight(w, s, bits=3, sweeps=4, outlier_fraction=0.03, rounds=2, group_size=group_size)
+    assert two.info["support"] == ["extremes", 0.5] and one.info["support"] == "extremes"
+    _on_grid(two, w)
+    assert (two.outlier_idx[:, 1:] > two.outlier_idx[:, :-1]).all()
+    e1, e2 = w - one.dequantize(), w - two.dequantize()
+    f1, f2 = ((e1 @ s) * e1).sum(1), ((e2 @ s) * e2).sum(1)
+    assert (f2 <= f1 * (1 + 1e-5)).all()  # round 1 is one of the candidates of every row
+    assert two.info["error"] == pytest.approx(layer_error(w, two.dequantize(), s)[0], rel=1e-4)
+    assert two.info["errors"][-1] == pytest.approx(two.info["error"], rel=1e-3)

@@ -18,10 +18,13 @@ METHODS = ("rtn", "gptq", "quantease")
 # QuantEase from W or RTN ended above GPTQ on SmolLM2 layers even after 20 sweeps; from GPTQ it is
 # below it after 1 sweep, and sweeps past 10 gain < 0.1%.  The diag(Sigma)-weighted clipping search
 # lowered GPTQ's and QuantEase's error on every layer tried; RTN stays the plain min-max baseline.
+# Refitting the grid to the codes after each sweep lowered QuantEase's mean error on 14 SmolLM2 layers
+# by 1.9% (3-bit) / 2.8% (4-bit), a second round (GPTQ on the refitted grid + sweeps, per-row best) by
+# another 1.6% / 2.3%; a third round gains 0.6% for one more GPTQ run.  GPTQ stays the plain baseline.
 DEFAULTS = {
     "rtn": dict(act_order=False, init=None, sweeps=0, clip=False),
     "gptq": dict(act_order=True, init=None, sweeps=1, clip=True),
-    "quantease": dict(act_order=False, init="gptq", sweeps=10, clip=True),
+    "quantease": dict(act_order=False, init="gptq", sweeps=10, clip=True, refit=True, rounds=2),
 }
 
 __all__ = ["quantize_weight", "layer_error", "QuantizedWeight", "METHODS"]
@@ -83,12 +86,15 @@ def check_inputs(w, sigma, bits, method, group_size, outlier_fraction, structure
 
 def quantize_weight(W, Sigma, bits=3, method="quantease", group_size=-1, sym=False, outlier_fraction=0.0,
                     structured_outliers=False, sweeps=None, damp=0.01, act_order=None, init=None,
-                    clip=None):
+                    clip=None, refit=None, rounds=None):
     """Quantize one linear weight W [out, in] given Sigma = X X^T [in, in] of its inputs.
 
     method: "rtn" | "gptq" | "quantease"; outlier_fraction > 0 (quantease only) adds a sparse fp16 H
     with R = layout.outlier_slots(in, fraction) slots per output row (on R shared columns if
     structured_outliers).  None options take the method's default (DEFAULTS).  Runs on W's device.
+    quantease only: refit (refit the grid's scale/zero to the codes after each sweep, grid.refit) and
+    rounds (> 1: restart, keep the better result per row; plain CD restarts from GPTQ on the refitted
+    grid, unstructured outliers from another initial support, outliers.SUPPORTS).
 
     result.info: method, bits, group_size, sym, damp, act_order, clip, sweeps (done), seconds,
     error / rel_error (final f and f / tr(W Sigma W^T)); quantease adds init, init_error, errors and
@@ -101,7 +107,11 @@ def quantize_weight(W, Sigma, bits=3, method="quantease", group_size=-1, sym=Fal
     init = defaults.get("init") if init is None else init
     act_order = defaults.get("act_order", False) if act_order is None else act_order
     clip = defaults.get("clip", False) if clip is None else clip
+    refit = defaults.get("refit", False) if refit is None else refit
+    rounds = defaults.get("rounds", 1) if rounds is None else rounds
     check_inputs(W, Sigma, bits, method, group_size, outlier_fraction, structured_outliers, sweeps, init)
+    if method == "quantease" and not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1):
+        raise QuantEaseError(f"rounds={rounds} must be a positive integer")
     if not (isinstance(damp, (int, float)) and 0 <= damp < 1e3 and math.isfinite(damp)):
         raise QuantEaseError(f"damp={damp} must be a finite number >= 0")
 
@@ -113,6 +123,8 @@ def quantize_weight(W, Sigma, bits=3, method="quantease", group_size=-1, sym=Fal
         sigma = sigma / scale_f  # keeps float32 well scaled whatever the token count
     info = dict(method=method, bits=bits, group_size=group_size, sym=sym, damp=damp, act_order=act_order,
                 clip=clip)
+    if method == "quantease":
+        info["refit"], info["rounds"] = refit, rounds
     idx = val = None
     if method == "rtn":
         from quantease.quantize.rtn import rtn
@@ -126,12 +138,14 @@ def quantize_weight(W, Sigma, bits=3, method="quantease", group_size=-1, sym=Fal
         from quantease.quantize.outliers import quantease_outliers
         r = layout.outlier_slots(w.shape[1], outlier_fraction)
         codes, scale, zero, idx, val, extra = quantease_outliers(
-            w, sigma, bits, r, group_size, sym, damp, act_order, clip, init, sweeps, structured_outliers)
+            w, sigma, bits, r, group_size, sym, damp, act_order, clip, init, sweeps, structured_outliers,
+            refit=refit, rounds=rounds)
         info.update(extra)
         info.update(outlier_fraction=outlier_fraction, outlier_slots=r, structured_outliers=structured_outliers)
     else:
         from quantease.quantize.cd import quantease
-        codes, scale, zero, extra = quantease(w, sigma, bits, group_size, sym, damp, act_order, clip, init, sweeps)
+        codes, scale, zero, extra = quantease(w, sigma, bits, group_size, sym, damp, act_order, clip, init, sweeps,
+                                              refit=refit, rounds=rounds)
         info.update(extra)
     # f values from the algorithms are on the normalized Sigma: back to the caller's scale
     for key in ("errors", "objective"):

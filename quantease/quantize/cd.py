@@ -6,7 +6,9 @@ which is exact for a 1-D quadratic, so f never increases.  Blocked like GPTQ: in
 columns the updates only need the B x B diagonal block of Sigma; one GEMM per block brings the rest of
 R up to date, so a sweep costs ~2 N K^2 flops of GEMM plus K small column steps.
 
-The grid (scale, zero) stays fixed from the init; CD only moves codes.
+CD moves codes only.  With refit=True the grid (scale, zero) is refitted to the codes after every
+sweep (grid.refit: least squares in the Sigma metric, integer zero, fp16 scale), also monotone in f;
+rounds > 1 restart from GPTQ on the refitted grid (benchmarks/results/layer_quality.md has the gains).
 """
 import time
 import warnings
@@ -89,9 +91,12 @@ def sweep(target, q, codes, r, sig, invd, col_scale, col_zero, bits, block=128):
     return sweep_torch(target, q, codes, r, sig, invd, col_scale, col_zero, bits, block)
 
 
-def run_cd(target, sig_d, lam, dead, q, codes, col_scale, col_zero, bits, sweeps, block=128):
+def run_cd(target, sig_d, lam, dead, q, codes, col_scale, col_zero, bits, sweeps, block=128, refit=None):
     """Sweeps of CD on Q towards target (in place on q, codes); returns per-sweep (f, objective) and
-    the number of sweeps that changed something.  Stops early once a sweep changes no code."""
+    the number of sweeps that changed something.  Stops early once a sweep changes no code.
+
+    refit: optional (scale, zero, gidx, sym): after each sweep the grid [N, G] is refitted for the
+    new codes (grid.refit, in place; col_scale / col_zero follow), which also never increases f."""
     invd = 1.0 / torch.diagonal(sig_d)
     errors, objective = [], []
     done = 0
@@ -100,6 +105,14 @@ def run_cd(target, sig_d, lam, dead, q, codes, col_scale, col_zero, bits, sweeps
         changed = int(sweep(target, q, codes, r, sig_d, invd, col_scale, col_zero, bits, block))
         e = target - q
         r = e @ sig_d  # recomputed exactly after every sweep: no drift from the lazy updates
+        if refit is not None:
+            scale, zero, gidx, sym = refit
+            moved = grid.refit(q, codes, r, sig_d, scale, zero, bits, gidx, sym)
+            if moved:
+                col_scale.copy_(scale[:, gidx])
+                col_zero.copy_(zero[:, gidx])
+                e = target - q
+                changed += moved
         objective.append(float((e * r).sum()))
         errors.append(true_error(e, r, lam, dead))
         done += 1
@@ -109,8 +122,15 @@ def run_cd(target, sig_d, lam, dead, q, codes, col_scale, col_zero, bits, sweeps
 
 
 def quantease(w, sigma, bits, group_size=-1, sym=False, damp=0.01, act_order=False, clip=False,
-              init="w", sweeps=10, block=128):
-    """w [N, K], sigma [K, K] float32 on one device -> codes, scale, zero, info."""
+              init="w", sweeps=10, block=128, refit=False, rounds=1):
+    """w [N, K], sigma [K, K] float32 on one device -> codes, scale, zero, info.
+
+    refit: refit the grid to the codes after every sweep (grid.refit).  rounds > 1: after the first
+    round (init + sweeps), start again from GPTQ on the current (refitted) grid, run the sweeps, and
+    keep per row the better of the two (rows are independent in f, compared on the damped objective
+    that CD minimises); without refit the restart would repeat round 1, so it is skipped.
+    info["errors"] holds f after each sweep of round 1, then f of the per-row best after each later
+    round."""
     t0 = time.time()
     n, k = w.shape
     w = w.to(torch.float32)
@@ -126,18 +146,46 @@ def quantease(w, sigma, bits, group_size=-1, sym=False, damp=0.01, act_order=Fal
     t_init = time.time() - t0
 
     perm = torch.argsort(torch.diagonal(sigma), descending=True) if act_order else None
+    w0 = w
     if perm is not None:
         w, q, codes = w[:, perm], q[:, perm].contiguous(), codes[:, perm].contiguous()
         col_scale, col_zero = col_scale[:, perm].contiguous(), col_zero[:, perm].contiguous()
-        sigma = sigma[perm][:, perm]
-    sig_d, lam, dead = prepare_sigma(sigma, damp)
+        sigma_p = sigma[perm][:, perm]
+    else:
+        sigma_p = sigma
+    sig_d, lam, dead = prepare_sigma(sigma_p, damp)
     init_error = None
     if init != "w":
         e = w - q
         init_error = true_error(e, e @ sig_d, lam, dead)
-    errors, objective = run_cd(w, sig_d, lam, dead, q, codes, col_scale, col_zero, bits, sweeps, block)
+    gidx = grid.group_cols(k, group_size).to(w.device)
+    if perm is not None:
+        gidx = gidx[perm]
+    rf = (scale, zero, gidx, sym) if refit else None
+    errors, objective = run_cd(w, sig_d, lam, dead, q, codes, col_scale, col_zero, bits, sweeps, block, rf)
+    if not refit:
+        rounds = 1  # GPTQ on the unchanged grid would repeat round 1 exactly
+    for _ in range(rounds - 1):
+        e = w - q
+        best = (e * (e @ sig_d)).sum(1)  # per-row damped objective
+        scale2, zero2 = scale.clone(), zero.clone()
+        codes2, _, _ = gptq(w0, sigma, bits, group_size, sym, damp, act_order=True, fixed_grid=(scale2, zero2))
+        cs2, cz2 = grid.expand(scale2, k, group_size), grid.expand(zero2, k, group_size)
+        if perm is not None:
+            codes2, cs2, cz2 = codes2[:, perm].contiguous(), cs2[:, perm].contiguous(), cz2[:, perm].contiguous()
+        q2 = grid.dequantize(codes2, cs2, cz2)
+        run_cd(w, sig_d, lam, dead, q2, codes2, cs2, cz2, bits, sweeps, block,
+               (scale2, zero2, gidx, sym) if refit else None)
+        e2 = w - q2
+        take = (e2 * (e2 @ sig_d)).sum(1) < best
+        for a, b in ((q, q2), (codes, codes2), (scale, scale2), (zero, zero2)):
+            a[take] = b[take]
+        e = w - q
+        r = e @ sig_d
+        objective.append(float((e * r).sum()))
+        errors.append(true_error(e, r, lam, dead))
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    info = dict(init=init, init_error=init_error, errors=errors, objective=objective,
+    info = dict(init=init, init_error=init_error, errors=errors, objective=objective, refit=refit, rounds=rounds,
                 sweeps=len(errors), init_seconds=t_init, cd_seconds=time.time() - t0 - t_init)
     return codes, scale, zero, info
