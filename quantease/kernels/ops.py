@@ -17,9 +17,11 @@ How runtimes call it (vLLM process_weights_after_loading / transformers post-loa
 
 Backend: "auto" (CUDA tensors -> Triton, CPU -> torch reference), "triton" (also CPU tensors when
 TRITON_INTERPRET=1: that is how CI tests the kernels), "torch".  Pass backend= or set QUANTEASE_KERNEL_BACKEND.
-Triton path: GEMV (kernels/gemv.py) for M <= GEMV_MAX_M rows; fused GEMM (kernels/gemm.py) up to
-gemm.DEQUANT_MIN_M rows; above that (CUDA only) dequantize to a dense weight for this call + cuBLAS.  The
-outliers are fused in the GEMV and a second launch (kernels/outliers.py) after the GEMM / cuBLAS.
+Triton path: GEMV (kernels/gemv.py) for M <= GEMV_MAX_M rows; swap-AB tensor-core GEMM (kernels/gemm_swap.py)
+up to SWAP_MAX_M rows; above that (CUDA only) dequantize to a dense weight for this call + cuBLAS.  The
+outliers are fused in the GEMV and the swap GEMM's epilogue (small tiles), else a second launch
+(kernels/outliers.py).  kernels/gemm.py (the v3 fused GEMM) stays as the dequant kernel's home and a reference
+point in the benchmarks.
 GEMV variant: QUANTEASE_GEMV=half2 sends those GEMV rows to kernels/gemv_half2.py (two weights per logic op)
 where it applies (3-bit, per channel or groups of a multiple of 32, fp16/bf16 x), else they stay on gemv.py;
 unset or "v1" is the default until v2 is measured faster on the GPU (benchmarks/kernels.py --variant).
@@ -36,6 +38,9 @@ BACKEND_ENV = "QUANTEASE_KERNEL_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 CPU_CACHE_ENV = "QUANTEASE_CPU_CACHE"
 GEMV_MAX_M = 2  # rows of x up to which the CUDA-core GEMV beats the tensor-core GEMM (H100, benchmarks/kernels.py)
+# rows up to which the swap-AB GEMM (kernels/gemm_swap.py) beats dequantize + cuBLAS: H100, benchmarks/kernels_swap.py
+# (faster than the old fused GEMM at M = 4..128 on 17 of 18 shape/M points; at M = 256 dequant + cuBLAS wins)
+SWAP_MAX_M = 128
 TENSORS = ("plane0", "plane1", "scales", "zeros", "outlier_idx", "outlier_val")
 
 
@@ -75,9 +80,11 @@ def _forward(x2d, p, bias, backend, out=None):
         if gemv_half2.selected() == "half2" and gemv_half2.supports(p, x2d):
             return gemv_half2.qgemv_half2(x2d, gemv_half2.cached_layout(p), bias, out)
         return gemv.qgemv(x2d, p, bias, out)
-    if m >= gemm.DEQUANT_MIN_M and x2d.is_cuda:
-        return gemm.dequant_matmul(x2d, p, bias, out)
-    return gemm.qgemm(x2d, p, bias, out)
+    if m <= SWAP_MAX_M or not x2d.is_cuda:
+        from quantease.kernels import gemm_swap
+
+        return gemm_swap.qgemm_swap(x2d, p, bias, out)
+    return gemm.dequant_matmul(x2d, p, bias, out)
 
 
 def _check_x(x, p, bias):

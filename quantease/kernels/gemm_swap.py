@@ -1,0 +1,343 @@
+"""GEMM path v5 (prefill / batched decode, M = 3..256): swap-AB, the dequantized weight is the MMA's A operand.
+
+Computes y^T = W x^T: program (pid_n, pid_m, split) owns acc [BN, BM] (fp32, weight rows x tokens) and walks
+its share of K one 256-column block at a time.  It loads the block's [BN, WPB] plane words once; for each code
+slot j (unrolled) the tile unpacked in place from those words is the 16 (WPB) CONTIGUOUS columns
+256 b + j WPB .. + WPB (prepare.py's layout), i.e. exactly one K step of the MMA:
+
+    acc += tl.dot(w_j [BN, WPB] fp16/bf16, x_j^T [WPB, BM])
+
+On Hopper, wgmma takes A from registers and B from shared memory, so in this orientation the unpacked weight
+need not go through shared memory (v3 had it as B: one smem round trip per slot); only x^T (small, L2-resident)
+is staged in smem.  Triton 3.6 keeps A in registers only if every op between the loads and the dot is an
+elementwise arith op (or a unary inline asm) on loaded tiles and constants, with no narrowing conversion
+(OptimizeDotOperands' MMAV3HoistLayoutConversion), and only without its software pipelining.  Hence two paths:
+
+  REGA (fp16/bf16 x, symmetric, per channel or groups of whole blocks): the code stays float32 from the unpack
+    (2**(23 - p) + c, two LOP3s, one FADD: c - z exactly) to a tf32 wgmma -- exact, since c - z and fp16/bf16
+    x values are exact in tf32 -- at half the fp16 MMA rate, which small M does not notice.  The plane words
+    are converted to the MMA layout once per 256 columns (one smem pass of the words, 1/16 of the weight
+    tile's bytes); num_stages = 1, latency hidden by occupancy (split-K to ~4 programs per SM).
+  16-bit A (everything else, and large M where the MMA rate matters): the same unpack, rounded to x's dtype;
+    Triton stages that tile through shared memory per slot (STSM + LDSM), loads pipelined (num_stages >= 2).
+Per-channel scales (and groups of whole blocks) multiply the fp32 acc, not the weight.  Other group sizes
+dequantize per element (s * (c - z) rounded to 16 bits, as gemm.py does) on the 16-bit path.
+
+Outliers (ELL idx/val [N, R]): OUTLIERS=1 adds them in the epilogue, acc[n, :] += val[n, r] * x^T[idx[n, r], :]
+from x^T [K, M] (made once per call, contiguous along M: 2 BM-byte gathers); OUTLIERS=2 leaves them to the
+separate launch of kernels/outliers.py.  SPLIT_K > 1 (too few programs for the SMs) zeroes out and adds each
+split's partial with atomics in out's dtype (one extra rounding per split; bias and outliers by split 0).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from quantease.kernels.gemv import _code3
+from quantease.kernels.outliers import ell_add
+
+# (BM, BN, num_warps, num_stages, SPLIT_K, REGA) by M bucket; SPLIT_K 0 = pick_split (wrapper).
+# Measured best per bucket (sum over the 6 shapes of benchmarks/kernels_swap.py, H100, 2026-11-24 10:05 UTC run;
+# results/kernels_swap.md).  M <= 16: BN = 128 beats 64 by 1.3x (latency-bound: 4 programs / SM either way, so
+# twice the rows per program); 28672x8192 alone prefers (16, 64, 4, 3, 0, False) (108.7 vs 118.1 us at M = 4).
+CONFIGS = {
+    16: (16, 128, 4, 1, 0, True),
+    32: (32, 64, 4, 3, 0, False),
+    64: (64, 128, 8, 3, 0, False),
+    128: (128, 128, 8, 2, 0, False),
+    256: (256, 128, 8, 1, 0, False),  # unpipelined (BM = 256 x 2 stages of x slot tiles does not fit in smem)
+}
+# auto split-K: programs wanted.  The REGA path has no pipelined loads (occupancy hides their latency: ~4 programs
+# per SM of 132); the 16-bit path pipelines, and splits cost M * N atomics each: one wave.
+SPLIT_TARGET_REGA = 512
+SPLIT_TARGET = 128
+OUTLIERS_FUSED = True  # epilogue add (1) vs the separate ELL launch (2); benchmarks/kernels_swap.py measures both
+FUSED_MAX_BM = 32  # measured: fused wins at BM <= 32 (M = 16: 39 vs 64 us at 8192^2); at BM = 64 the separate
+# launch wins (8192^2: 73.7 vs 91.0 us, the pipelined 16-bit config); BM = 128 spills (ptxas: 368 B of stack)
+GATHER_X_MAX_M = 0  # fused outliers gather from x (no x^T copy) up to this M; benchmarks/kernels_swap.py --quick
+BR_ELEMS = 32  # outlier epilogue: gathered x elements per thread per step ([BN, BR, BM] tile), keeps it spill-free
+
+
+def pick_config(m):
+    for bucket in sorted(CONFIGS):
+        if m <= bucket:
+            return CONFIGS[bucket]
+    return CONFIGS[max(CONFIGS)]
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, TF32: tl.constexpr):
+    if IEEE:  # float32 operands: full-precision products, not tf32
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif TF32:  # float32 operands holding fp16/bf16 values and small integers: tf32 products are exact
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _code3_sel(a, a_hi, hs, h_hi, h_15, j: tl.constexpr, ASM: tl.constexpr):
+    """_code3 for the REGA path as float32 2**(23 - p) + c, in two LOP3s: a bit-select (bit p + 2 from the plane-1
+    word, the rest from the plane-0 word: lo ^ ((lo ^ hi) & m)), then mask | magic.  The second is a unary inline
+    asm (the hoist into the MMA operand layout accepts elementwise arith and unary asm only); ptxas makes three
+    LOP3s of the plain (a & m) | (h & m2) | magic."""
+    p: tl.constexpr = 2 * (j % 8)
+    magic: tl.constexpr = (150 - p) << 23
+    hm: tl.constexpr = 4 << p
+    if j < 8:
+        lo = a
+        hi = hs
+    elif j < 15:
+        lo = a_hi
+        hi = h_hi
+    else:
+        lo = a_hi
+        hi = h_15
+    sel = lo ^ ((lo ^ hi) & hm)
+    if ASM:
+        bits = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {7 << p}, {magic}, 0xEA;", "=r,r", [sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        bits = (sel & (7 << p)) | magic
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _xload(x_cols, blk, j: tl.constexpr, q, K, mask_m, WPB: tl.constexpr):
+    kx = blk * 256 + j * WPB + q
+    return tl.load(x_cols + kx[:, None], mask=(kx < K)[:, None] & mask_m[None, :], other=0.0)
+
+
+@triton.jit
+def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr, oi_ptr, ov_ptr, hsh_ptr,
+                      M, N, K, R, group_size, blocks_per_split,
+                      stride_xm, stride_xt, stride_xtm, stride_ym, stride_p0, stride_p1, stride_s, stride_z, stride_oi,
+                      stride_ov,
+                      BITS: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr,
+                      INPLACE: tl.constexpr, ASM: tl.constexpr, IEEE: tl.constexpr, REGA: tl.constexpr,
+                      SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, XPF: tl.constexpr):
+    # GROUP_MODE 0: per channel; 1: groups of whole 256-column blocks; 2: per element
+    PW: tl.constexpr = 32 // W0  # code slots per word
+    WPB: tl.constexpr = 8 * W0  # plane-0 words per block = columns per slot = the dot's K
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m  # M tiles of one weight tile run side by side: the weight comes from DRAM once
+    pid_n = pid // num_m
+    split = tl.program_id(1)
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    q = tl.arange(0, WPB)
+    hcol = (q // 16) * 8 + (q % 8)  # 3-bit: the plane-1 word of each plane-0 word
+    hsh = (q % 16) // 8
+    # REGA: the weight tile stays float32 from the unpack to a tf32 dot (A in registers, see the module doc)
+    dtype = tl.float32 if (IEEE or REGA) else x_ptr.dtype.element_ty
+    if REGA and BITS == 3:  # the per-column plane-1 shift as a loaded tile (the hoist needs loads/constants)
+        hsh_t = tl.load(hsh_ptr + q[None, :] + offs_n[:, None] * 0)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    if HAS_ZEROS:
+        zn = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32)
+    else:
+        zn = tl.full((BN,), ZERO, tl.float32)
+    x_cols = x_ptr + offs_m[None, :] * stride_xm  # x^T tile [WPB, BM]: x read with strides, K along dim 0
+    blk0 = split * blocks_per_split
+    blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
+    for blk in range(blk0, blk1):
+        a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=mask_n[:, None], other=0)
+        if BITS == 3:
+            hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
+                         other=0)
+            if REGA:
+                hs = hs >> hsh_t
+            else:
+                hs = hs >> hsh[None, :]
+            if INPLACE:
+                a_hi = a >> 16
+                h_hi = hs >> 16
+                h_15 = hs << 16
+        if GROUP_MODE == 1:
+            g = (blk * 256) // group_size
+            sb = tl.load(s_ptr + offs_n * stride_s + g, mask=mask_n, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zb = tl.load(z_ptr + offs_n * stride_z + g, mask=mask_n, other=0).to(tl.float32)
+            else:
+                zb = tl.full((BN,), ZERO, tl.float32)
+            part = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            zb = zn
+            part = acc
+        # x^T slot tiles are L2 reads on the per-slot critical path (load -> smem -> fence -> barrier -> wgmma):
+        # XPF > 0 issues them XPF slots ahead (the first XPF together with the block's words)
+        if XPF >= 1:
+            xp0 = _xload(x_cols, blk, 0, q, K, mask_m, WPB)
+        if XPF >= 2:
+            xp1 = _xload(x_cols, blk, 1, q, K, mask_m, WPB)
+        if XPF >= 3:
+            xp2 = _xload(x_cols, blk, 2, q, K, mask_m, WPB)
+        if XPF >= 4:
+            xp3 = _xload(x_cols, blk, 3, q, K, mask_m, WPB)
+        for j in tl.static_range(PW):
+            kx = blk * 256 + j * WPB + q
+            if XPF == 0:
+                xj = _xload(x_cols, blk, j, q, K, mask_m, WPB)
+            else:
+                xj = xp0
+                if XPF >= 2:
+                    xp0 = xp1
+                if XPF >= 3:
+                    xp1 = xp2
+                if XPF >= 4:
+                    xp2 = xp3
+                if j + XPF < PW:
+                    if XPF == 1:
+                        xp0 = _xload(x_cols, blk, j + XPF, q, K, mask_m, WPB)
+                    elif XPF == 2:
+                        xp1 = _xload(x_cols, blk, j + XPF, q, K, mask_m, WPB)
+                    elif XPF == 3:
+                        xp2 = _xload(x_cols, blk, j + XPF, q, K, mask_m, WPB)
+                    else:
+                        xp3 = _xload(x_cols, blk, j + XPF, q, K, mask_m, WPB)
+            xj = xj.to(dtype)
+            if REGA:  # only elementwise ops on loaded tiles and constants between the loads and the dot
+                if BITS == 3:
+                    c = _code3_sel(a, a_hi, hs, h_hi, h_15, j, ASM) - (ZERO + (1 << (23 - 2 * (j % 8))))
+                else:
+                    c = ((a >> (W0 * j)) & ((1 << W0) - 1)).to(tl.float32) - ZERO
+            elif BITS == 3 and INPLACE:  # 2**(23 - p) + c, minus 2**(23 - p) + z: c - z exactly
+                c = _code3(a, a_hi, hs, h_hi, h_15, j, ASM) - (zb[:, None] + (1 << (23 - 2 * (j % 8))))
+            else:
+                c = (a >> (W0 * j)) & ((1 << W0) - 1)
+                if BITS == 3:
+                    c = c | (((hs >> ((2 * j + 2) % 32)) & 1) << 2)
+                c = c.to(tl.float32) - zb[:, None]
+            if GROUP_MODE == 2:
+                g = kx // group_size
+                gmask = mask_n[:, None] & (kx < K)[None, :]
+                s_e = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=gmask, other=0.0)
+                if HAS_ZEROS:
+                    z_e = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=gmask, other=0)
+                    c = c + zb[:, None] - z_e.to(tl.float32)
+                else:
+                    c = c + zb[:, None] - ZERO
+                c = c * s_e.to(tl.float32)
+            part = _dot(c.to(dtype), xj, part, IEEE, REGA)
+        if GROUP_MODE == 1:
+            acc += part * sb[:, None]
+        else:
+            acc = part
+    if GROUP_MODE == 0:
+        s = tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc * s[:, None]
+    if HAS_BIAS:
+        if split == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if OUTLIERS == 1:  # acc[n, :] += val[n, r] * x^T[idx[n, r], :], BR slots at a time; each split takes R / SPLIT
+        rps = tl.cdiv(R, tl.num_programs(1))
+        r_hi = min(split * rps + rps, R)
+        for r0 in range(split * rps, r_hi, BR):
+            offs_r = r0 + tl.arange(0, BR)
+            rmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
+            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
+            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+            xg = tl.load(xt_ptr + idx.to(tl.int32)[:, :, None] * stride_xt + offs_m[None, None, :] * stride_xtm,
+                         mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
+            acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    ymask = mask_n[:, None] & mask_m[None, :]
+    if not SPLIT:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    elif ATOMIC:
+        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask, sem="relaxed")
+    else:  # the CPU interpreter (no 16-bit atomics there) runs programs one at a time: a plain add is exact
+        y = tl.load(y_ptrs, mask=ymask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + acc.to(y_ptr.dtype.element_ty).to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def group_mode(group_size):
+    if group_size == -1:
+        return 0
+    return 1 if group_size % 256 == 0 else 2
+
+
+def pick_split(m, n, k, bm, bn, target):
+    """Splits of K (powers of 2, at most 8, each >= 2 blocks of 256) until there are >= target programs."""
+    programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    blocks = triton.cdiv(k, 256)
+    split = 1
+    while programs * split < target and split < 8 and blocks // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+_HSH = {}
+
+
+def _hsh_table(device):
+    """int32 [16]: the plane-1 shift of each of the 16 plane-0 words of a 3-bit block (q // 8).  Made once per
+    device with a kernel (torch.arange), not a host copy, so that a first call inside CUDA-graph capture works."""
+    t = _HSH.get(device)
+    if t is None:
+        t = _HSH[device] = torch.arange(16, device=device, dtype=torch.int32) // 8
+    return t
+
+
+def rega_ok(p, x):
+    """The tf32 register-A path: fp16/bf16 x, symmetric grid, per channel or groups of whole blocks."""
+    return x.dtype in (torch.float16, torch.bfloat16) and p["zeros"] is None and group_mode(p["group_size"]) != 2
+
+
+def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, asm=True, gather_x=None):
+    """x [M, K] (stride(1) == 1), prepared dict p, bias [N] | None, out [M, N] -> out (same contract as
+    gemm.qgemm).  config = (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF]) overrides the table (SPLIT_K 0:
+    auto; REGA falls back to the 16-bit A path where rega_ok is False; XPF: x slot tiles loaded that many slots
+    ahead, 0..4)."""
+    m, k = x.shape
+    n = p["out_features"]
+    cfg = tuple(config or pick_config(m))
+    bm, bn, warps, stages, split, rega = cfg[:6]
+    xpf = cfg[6] if len(cfg) > 6 else 0
+    rega = rega and rega_ok(p, x)
+    if rega:
+        stages = 1  # the pipeliner moves the unpack back in front of a shared-memory round trip
+    on_cuda = x.is_cuda
+    if split == 0:
+        target = SPLIT_TARGET_REGA if rega else SPLIT_TARGET
+        split = pick_split(m, n, k, bm, bn, target) if x.dtype != torch.float32 else 1
+    blocks = triton.cdiv(k, 256)
+    bps = triton.cdiv(blocks, split)
+    split = triton.cdiv(blocks, bps)  # no empty split
+    bits = p["bits"]
+    mode = group_mode(p["group_size"])
+    plane1 = p["plane1"] if p["plane1"] is not None else p["plane0"]
+    zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
+    fused = (OUTLIERS_FUSED if outliers_fused is None else outliers_fused) and bm <= FUSED_MAX_BM
+    outliers = 0 if oi is None else (1 if fused else 2)
+    # the epilogue gathers rows of x^T (BM contiguous values, one sector); at small M gathering from x itself
+    # (M sectors per outlier) can beat the extra transpose launch
+    gx = m <= GATHER_X_MAX_M if gather_x is None else gather_x
+    xt = x.t().contiguous() if outliers == 1 and not gx else x
+    sxt, sxtm = (1, x.stride(0)) if xt is x else (xt.stride(0), 1)
+    hsh = _hsh_table(x.device) if rega and bits == 3 else p["plane0"]
+    if split > 1:
+        out.zero_()
+    br = max(1, min(8, triton.next_power_of_2(BR_ELEMS * 32 * warps // (bm * bn) + 1) // 2))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    qgemm_swap_kernel[grid](
+        x, xt, out, p["plane0"], plane1, p["scales"], zeros if zeros is not None else p["scales"],
+        bias if bias is not None else p["scales"], oi if oi is not None else p["plane0"],
+        ov if ov is not None else p["scales"], hsh,
+        m, n, k, oi.shape[1] if oi is not None else 0, p["group_size"], bps,
+        x.stride(0), sxt, sxtm, out.stride(0), p["plane0"].stride(0), plane1.stride(0), p["scales"].stride(0),
+        zeros.stride(0) if zeros is not None else 0, oi.stride(0) if oi is not None else 0,
+        ov.stride(0) if ov is not None else 0,
+        BITS=bits, W0=2 if bits == 3 else bits, ZERO=2 ** (bits - 1), HAS_ZEROS=zeros is not None,
+        GROUP_MODE=mode, HAS_BIAS=bias is not None, OUTLIERS=outliers,
+        INPLACE=inplace and bits == 3 and mode != 2, ASM=asm and on_cuda,
+        IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not on_cuda and not rega), REGA=rega,
+        SPLIT=split > 1, ATOMIC=on_cuda, BM=bm, BN=bn, BR=br, XPF=xpf, num_warps=warps, num_stages=stages)
+    if outliers == 2:
+        ell_add(x, oi, ov, out)
+    return out

@@ -1,0 +1,117 @@
+"""kernels/gemm_swap.py (v5 swap-AB GEMM) against the float64 reference, outputs NaN-poisoned before every run.
+
+CPU: the kernels run under TRITON_INTERPRET=1 (set by tests/test_kernels.py's import, before any kernel module is
+imported) on small odd shapes; CUDA: the same cases compiled (atomics for split-K, the tf32 register-A path).
+"""
+import itertools
+
+import pytest
+import torch
+
+from test_kernels import DEVICE, check, make_weight, needs_triton, reference64  # first: sets TRITON_INTERPRET
+from quantease.kernels import prepare_weights
+from quantease.kernels import gemm_swap
+
+MS = (1, 3, 5, 16, 30, 65, 100, 250)
+SHAPES = ((96, 160), (33, 96), (40, 600), (72, 300))
+GRIDS = ((-1, True), (64, False), (256, True), (-1, False), (32, True))
+
+
+def run_swap(n, k, bits, group_size, fraction, sym, m, dtype, bias, seed=0, config=None, fused=None, gather_x=None):
+    w = make_weight(n, k, bits, group_size, fraction, sym, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
+    p = prepare_weights(*w, bits, group_size, k)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    y = gemm_swap.qgemm_swap(x, p, b, out, config=config, outliers_fused=fused, gather_x=gather_x)
+    assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
+    check(y, reference64(x, w, bits, group_size, k, b), dtype)
+
+
+# every M x dtype with the table's config for that M, cycling shape / bits / grid / outliers / bias
+CASES = []
+for i, (m, dtype) in enumerate(itertools.product(MS, (torch.float16, torch.bfloat16))):
+    n, k = SHAPES[i % 4]
+    group_size, sym = GRIDS[i % 5]
+    CASES.append((n, k, (3, 2, 4, 3, 8)[i % 5], group_size, (0.0, 0.05, 0.02)[i % 3], sym, m, dtype, i % 2 == 0))
+
+
+@needs_triton
+@pytest.mark.parametrize("n,k,bits,group_size,fraction,sym,m,dtype,bias", CASES)
+def test_table_config_matches_reference(n, k, bits, group_size, fraction, sym, m, dtype, bias):
+    run_swap(n, k, bits, group_size, fraction, sym, m, dtype, bias)
+
+
+# both A paths (tf32 register-A, 16-bit A) x split-K x outliers fused / separate
+@needs_triton
+@pytest.mark.parametrize("rega", (True, False))
+@pytest.mark.parametrize("split,fused", ((1, True), (2, False), (8, True)))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_paths_split_outliers(rega, split, fused, dtype):
+    run_swap(72, 2100, 3, -1, 0.02, True, 19, dtype, True, seed=split, config=(16, 64, 4, 1, split, rega),
+             fused=fused)
+
+
+@needs_triton
+@pytest.mark.parametrize("bits,group_size,sym", ((3, 256, True), (3, 512, False), (4, 256, True), (3, 128, False),
+                                                 (2, 32, True), (8, -1, False)))
+def test_grids_on_both_paths(bits, group_size, sym):  # mode 1 (whole blocks), mode 2 (per element), asym fallback
+    for rega in (True, False):
+        run_swap(40, 1100, bits, group_size, 0.01, sym, 7, torch.float16, False, seed=bits,
+                 config=(16, 64, 4, 1, 2, rega))
+
+
+@needs_triton
+@pytest.mark.parametrize("config", ((32, 64, 4, 1, 1, True), (64, 128, 8, 3, 1, False), (128, 64, 4, 2, 1, False)))
+def test_wide_tiles(config):  # M tiles and weight tiles that straddle both edges
+    run_swap(200, 520, 3, -1, 0.02, True, 150, torch.float16, True, seed=3, config=config)
+
+
+# x slot tiles loaded XPF slots ahead (the first XPF with the block's words): both A paths, 3-bit and 4-bit, K tail
+@needs_triton
+@pytest.mark.parametrize("xpf", (1, 2, 4))
+@pytest.mark.parametrize("rega,bits", ((True, 3), (False, 3), (True, 4)))
+def test_x_prefetch(xpf, rega, bits):
+    run_swap(72, 1100, bits, -1, 0.02, True, 19, torch.float16, True, seed=xpf, config=(16, 64, 4, 1, 2, rega, xpf))
+
+
+# fused outliers gathered from x itself (no transposed copy), with an M tile that straddles M, and split-K
+@needs_triton
+@pytest.mark.parametrize("m,split", ((3, 1), (13, 4), (40, 2)))
+def test_outliers_gather_from_x(m, split):
+    run_swap(72, 1100, 3, -1, 0.03, True, m, torch.float16, True, seed=m,
+             config=(16 if m <= 16 else 32, 64, 4, 1, split, True), fused=True, gather_x=True)
+
+
+@needs_triton
+def test_float32_activations():
+    run_swap(33, 96, 3, -1, 0.05, True, 20, torch.float32, True)
+
+
+def test_split_choice():
+    assert gemm_swap.pick_split(16, 4096, 4096, 16, 64, target=512) == 8  # 64 programs, 16 blocks -> 8 x 2
+    assert gemm_swap.pick_split(16, 8192, 8192, 16, 64, target=512) == 4  # 128 programs -> 512
+    assert gemm_swap.pick_split(16, 28672, 8192, 16, 64, target=512) == 2  # 448 programs -> 896
+    assert gemm_swap.pick_split(256, 28672, 8192, 128, 128, target=128) == 1  # 448 programs already
+    assert gemm_swap.pick_split(16, 4096, 512, 16, 64, target=512) == 1  # 2 blocks: nothing to split
+    assert gemm_swap.pick_config(3) == gemm_swap.CONFIGS[16] and gemm_swap.pick_config(999) == gemm_swap.CONFIGS[256]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("m", (16, 200))
+def test_cuda_graph_capture(m):
+    w = make_weight(256, 1024, 3, -1, 0.01, True, 7)
+    p = prepare_weights(*w, 3, -1, 1024)
+    x = torch.randn(m, 1024, device="cuda").half()
+    out = torch.empty(m, 256, device="cuda", dtype=torch.half)
+    gemm_swap.qgemm_swap(x, p, None, out)  # warm-up: compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemm_swap.qgemm_swap(x, p, None, out)
+    x.copy_(torch.randn(m, 1024, device="cuda").half())  # new input, same buffer: the replay must see it
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, reference64(x, w, 3, -1, 1024, None), torch.float16)
