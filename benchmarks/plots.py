@@ -5,14 +5,15 @@
   e2e_throughput.png    vLLM decode tok/s vs batch per model, and speedup over fp16 (results/throughput.csv)
   speedup_vs_batch.png  speedup over fp16 vs tokens per step: the whole vLLM model (results/throughput.csv) next to
                         the fused kernel alone at 0.5% outliers (results/kernels.csv, else the kernels.md table)
-  ppl_vs_bits.png       WikiText-2 perplexity vs storage bits/weight (quality benchmark: .dev/quality/results*.json
-                        when present, else the table in results/quality.md)
+  ppl_vs_bits.png       WikiText-2 perplexity vs storage bits/weight (quality benchmark: the first table of
+                        results/quality.md, else a local run's .dev/quality/results*.json)
   quant_time.png        seconds per 8B-shape block per method (results/quant_time.csv)
 A missing input skips its figure with one line saying which file it needs.
 """
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -150,40 +151,61 @@ def plot_speedup_vs_batch(kern, tp_csv, png, note):
     return png
 
 
-def quality_rows():
-    """[(config, bits/weight, ppl)] from the quality benchmark's JSON files (.dev/quality/results*.json, merged
-    by config name), else its markdown table; (rows, source)."""
+def quality_rows(res=RES):
+    """[(config, bits/weight, ppl, code)] of the quality benchmark's headline table: the first table of
+    results/quality.md (older tables below it are history; columns found by their header, code "" when the
+    table has none), else the JSON files of a local run (.dev/quality/results*.json, merged by config and
+    code); (rows, source)."""
+    md = res / "quality.md"
+    rows, cols = [], None
+    if md.exists():
+        for line in md.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+            if cells and cols is None and "config" in cells and "ppl" in cells:
+                cols = {c: i for i, c in enumerate(cells)}
+            elif cells and cols and not set(line) <= set("|- "):
+                code = cells[cols["code"]] if "code" in cols and cols["code"] < len(cells) else ""
+                rows.append((cells[cols["config"]], float(cells[cols["bits/weight"]]), float(cells[cols["ppl"]]), code))
+            elif rows and not cells:
+                break  # end of the first table
+        if rows:
+            return rows, md
     files = sorted((ROOT / ".dev/quality").glob("results*.json"))
-    if files:
-        rows = {}
-        for js in files:
-            for r in json.loads(js.read_text()):
-                rows.setdefault(r["name"], (r["name"], float(r["bits_per_weight"]), float(r["ppl"])))
-        return list(rows.values()), files[0].parent / "results*.json"
-    md = RES / "quality.md"
-    if not md.exists():
+    if not files:
         return [], None
-    rows = []
-    for line in md.read_text().splitlines():
-        m = re.match(r"\|\s*([^|]+?)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", line)
-        if m:
-            rows.append((m.group(1), float(m.group(2)), float(m.group(3))))
-    return rows, md
+    merged = {}
+    for js in files:
+        for r in json.loads(js.read_text()):
+            merged.setdefault((r["name"], r.get("code", "")),
+                              (r["name"], float(r["bits_per_weight"]), float(r["ppl"]), r.get("code", "")))
+    return list(merged.values()), files[0].parent / "results*.json"
 
 
 def plot_quality(rows, png, source):
+    """ppl vs bits/weight; with rows of several code versions, the newest code's points are filled and the
+    older ones hollow, labelled with their code hash."""
     p = plt()
-    fig, ax = p.subplots(figsize=(7, 4.5))
-    fp16 = next((ppl for name, _, ppl in rows if name == "fp16"), None)
+    fig, ax = p.subplots(figsize=(7.5, 4.8))
+    codes = list(dict.fromkeys(code for _, _, _, code in rows))  # table order: oldest code first
+    newest = codes[-1] if codes else ""
+    fp16 = next((ppl for name, _, ppl, code in reversed(rows) if name == "fp16"), None)
     colors = {"rtn": "tab:gray", "gptq": "tab:orange", "quantease": "tab:blue"}
-    for name, bits, ppl in rows:
+    placed = []  # (bits, log ppl) of the labels so far: near-equal points get their labels stacked downwards
+    for name, bits, ppl, code in rows:
         if name == "fp16":
             continue
         c = colors.get(name.split("-")[0], "tab:green")
-        ax.scatter(bits, ppl, color=c, s=30)
-        ax.annotate(name, (bits, ppl), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        old = len(codes) > 1 and code != newest
+        ax.scatter(bits, ppl, s=30, color="none" if old else c, edgecolors=c)
+        label = f"{name} ({code[:7]})" if old else name
+        near = sum(abs(bits - b) < 0.03 and abs(math.log(ppl) - lp) < 0.08 for b, lp in placed)
+        placed.append((bits, math.log(ppl)))
+        ax.annotate(label, (bits, ppl), textcoords="offset points", xytext=(5, 3 - 9 * near), fontsize=7,
+                    color="gray" if old else "black")
     for method, c in colors.items():
         ax.scatter([], [], color=c, label=method)
+    if len(codes) > 1:
+        ax.scatter([], [], color="none", edgecolors="black", label=f"older code (newest: {newest[:7]})")
     if fp16 is not None:
         ax.axhline(fp16, color="black", lw=0.8, ls="--", label=f"fp16 ({fp16:.2f})")
     from matplotlib.ticker import FuncFormatter
@@ -197,7 +219,9 @@ def plot_quality(rows, png, source):
     ax.set_title("SmolLM2-135M-Instruct: perplexity vs bits/weight")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"from {source.relative_to(ROOT)}; {len(rows)} configs measured so far", fontsize=8)
+    n = len({name for name, _, _, _ in rows})
+    fig.suptitle(f"from {source.relative_to(ROOT)}: {n} configs, {len(rows)} rows"
+                 + (f", code {', '.join(c[:7] for c in codes if c)}" if any(codes) else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     p.close(fig)
@@ -252,12 +276,12 @@ def main():
         made.append(plot_speedup_vs_batch(kern, tp, out / "speedup_vs_batch.png", note))
     else:
         print(f"skip speedup_vs_batch.png: needs {tp} (the kernel-only plot is kernels.py's kernels_speedup.png)")
-    rows, source = quality_rows()
-    if any(name != "fp16" for name, _, _ in rows):
+    rows, source = quality_rows(res)
+    if any(name != "fp16" for name, _, _, _ in rows):
         made.append(plot_quality(rows, out / "ppl_vs_bits.png", source))
     else:
-        print("skip ppl_vs_bits.png: needs quantized rows in .dev/quality/results.json or the table in "
-              "benchmarks/results/quality.md (benchmarks/quality.py writes both)")
+        print(f"skip ppl_vs_bits.png: needs quantized rows in the table of {res / 'quality.md'} or in "
+              ".dev/quality/results*.json (benchmarks/quality.py writes both)")
     if qt.exists():
         made.append(plot_quant_time(qt, out / "quant_time.png", args.note))
     else:
