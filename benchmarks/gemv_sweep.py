@@ -5,6 +5,15 @@ Llama-3-8B layer shapes and the benchmark shapes, against fp16 F.linear (cuBLAS)
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/gemv_sweep.py --tiny --out /tmp/s   # CPU dry run
     PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py --focus --deadline 400 --out $OUT       # session 2, ~5 min
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/gemv_sweep.py --focus --tiny --out /tmp/s
+    PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py --hints --shapes 8192x8192,28672x8192,4096x4096,4096x14336 \
+        --ms 1 --deadline 170 --out $OUT                                                # session 3, ~3 min
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/gemv_sweep.py --hints --tiny --ms 1 --out /tmp/s
+
+--hints (session 3) times, per shape at M = 1, fp16, the default (pick_config) and the candidates of HINT_M1:
+pinned register loads (pin: a barrier keeps ptxas from sinking the next step's loads below the math), L2 / L1
+cache hints `lead` steps ahead, smaller steps with deeper prefetch; every candidate is first checked on a
+NaN-poisoned output against a float64 reference.  Then the default and the best candidate again at 0% and 0.5%
+outliers (back to back), M = 2 candidates (HINT_M2), and a summary table.
 
 --focus (session 2) runs, after the same compile pool and float64 check: (a) memory probes at 8192 x 8192 (the
 (8, 16, 1) word pattern with no math; the same bytes read contiguously) -- how fast the loads alone go; (b) the
@@ -299,10 +308,11 @@ def probe_roles_kernel(w_ptr, y_ptr, stride_w, STEPS, BN: tl.constexpr, BKB: tl.
     n2 = tl.load(w_row + 2 * Q, eviction_policy="evict_first")
     for t in range(0, STEPS):
         a0, a1, a2 = n0, n1, n2
-        nxt = w_row + tl.minimum(t + 1, STEPS - 1) * SW
-        n0 = tl.load(nxt, eviction_policy="evict_first")
-        n1 = tl.load(nxt + Q, eviction_policy="evict_first")
-        n2 = tl.load(nxt + 2 * Q, eviction_policy="evict_first")
+        nxt = w_row + (t + 1) * SW
+        more = tl.full((BN, BKW), t + 1, tl.int32) < STEPS  # no load past the last step
+        n0 = tl.load(nxt, mask=more, other=0, eviction_policy="evict_first")
+        n1 = tl.load(nxt + Q, mask=more, other=0, eviction_policy="evict_first")
+        n2 = tl.load(nxt + 2 * Q, mask=more, other=0, eviction_policy="evict_first")
         acc = acc ^ a0 ^ (a1 + a2)
     tl.store(y_ptr + offs_n, tl.sum(acc, axis=1))
 
@@ -318,10 +328,11 @@ def probe_flat_kernel(w_ptr, y_ptr, STEPS, CH: tl.constexpr):
     n2 = tl.load(base + 2 * CH, eviction_policy="evict_first")
     for t in range(0, STEPS):
         a0, a1, a2 = n0, n1, n2
-        nxt = base + tl.minimum(t + 1, STEPS - 1) * (3 * CH)
-        n0 = tl.load(nxt, eviction_policy="evict_first")
-        n1 = tl.load(nxt + CH, eviction_policy="evict_first")
-        n2 = tl.load(nxt + 2 * CH, eviction_policy="evict_first")
+        nxt = base + (t + 1) * (3 * CH)
+        more = tl.full((CH,), t + 1, tl.int32) < STEPS
+        n0 = tl.load(nxt, mask=more, other=0, eviction_policy="evict_first")
+        n1 = tl.load(nxt + CH, mask=more, other=0, eviction_policy="evict_first")
+        n2 = tl.load(nxt + 2 * CH, mask=more, other=0, eviction_policy="evict_first")
         acc = acc ^ a0 ^ (a1 + a2)
     tl.store(y_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
@@ -344,9 +355,118 @@ def probe_calls(q2, bn, bkb, warps):
 FOCUS_SHAPES = ((8192, 8192), (28672, 8192), (4096, 4096))
 FOCUS_M1 = [((8, 16, 1), {}), ((8, 16, 1), {"prefetch": 2}), ((8, 8, 1), {"prefetch": 2}), ((4, 16, 1), {}),
             ((4, 16, 1), {"prefetch": 2}), ((4, 8, 1), {"prefetch": 2}), ((4, 32, 1), {}), ((8, 32, 1), {}),
-            ((16, 8, 2), {"prefetch": 2}), ((32, 4, 1), {}), ((32, 4, 1), {"prefetch": 2})]
-OUTLIER_SHAPES = ((4096, 4096), (6144, 4096), (4096, 14336), (4096, 11008), (8192, 8192))
+            ((16, 8, 2), {"prefetch": 2}), ((32, 4, 1), {}), ((32, 4, 1), {"prefetch": 2}),
+            # whole rows per step (K = 8192: 64 blocks): each warp reads 2 / 4 / 8 rows as one contiguous run
+            ((2, 64, 1), {}), ((4, 64, 2), {}), ((8, 64, 4), {}), ((2, 32, 1), {"prefetch": 2}), ((4, 32, 2), {})]
+OUTLIER_SHAPES = ((4096, 4096), (6144, 4096), (4096, 14336), (4096, 11008), (8192, 8192), (28672, 8192))
 TINY_FOCUS = [((8, 2, 1), {}), ((8, 2, 1), {"prefetch": 2}), ((4, 2, 1), {})]
+
+
+# session 3 (--hints): the next step's register loads sit at ~70% of the step's math in the SASS (ptxas sinks them
+# under register pressure); pin / lead put the DRAM requests at the step's top (benchmarks/kernel_notes.md)
+HINT_M1 = [((8, 16, 1), {}), ((8, 16, 1), {"pin": True}), ((8, 16, 1), {"lead": 1}), ((8, 16, 1), {"lead": 2}),
+           ((8, 16, 1), {"lead": 1, "level": 1}), ((8, 16, 1), {"pin": True, "lead": 2}),
+           ((8, 16, 1), {"pin": True, "prefetch": 2}),
+           ((8, 8, 1), {"pin": True}), ((8, 8, 1), {"pin": True, "prefetch": 2}), ((8, 8, 1), {"lead": 2}),
+           ((8, 8, 1), {"lead": 3}), ((8, 8, 1), {"pin": True, "prefetch": 2, "lead": 3}),
+           ((8, 4, 1), {"pin": True, "prefetch": 2}), ((8, 4, 1), {"pin": True, "prefetch": 2, "lead": 4}),
+           ((4, 16, 1), {"pin": True}), ((4, 16, 1), {"pin": True, "prefetch": 2}), ((16, 8, 1), {"pin": True}),
+           ((8, 32, 1), {"pin": True}), ((8, 32, 1), {"lead": 1}),
+           ((32, 4, 1), {}), ((32, 4, 1), {"pin": True}), ((32, 4, 1), {"lead": 2}),
+           ((32, 4, 1), {"pin": True, "prefetch": 2}),
+           ((8, 16, 2), {"pin": True}), ((32, 16, 4), {"pin": True}), ((16, 16, 2), {"pin": True})]
+HINT_M2 = [((8, 16, 2), {}), ((8, 16, 2), {"pin": True}), ((8, 16, 2), {"lead": 1}), ((16, 4, 1), {}),
+           ((16, 4, 1), {"pin": True}), ((16, 4, 1), {"lead": 2}), ((8, 8, 1), {"pin": True, "prefetch": 2})]
+TINY_HINTS = [((8, 2, 1), {}), ((8, 2, 1), {"pin": True}), ((8, 2, 1), {"lead": 1}),
+              ((8, 1, 1), {"pin": True, "prefetch": 2, "lead": 3})]
+
+
+def hint_jobs(shapes, ms, tiny):
+    """Compile-pool jobs for --hints (explicit configs, 0% and 0.5% outliers at M = 1)."""
+    from quantease.kernels import gemv_half2
+
+    jobs = set()
+    for n, k in shapes:
+        for m in ms:
+            cands = TINY_HINTS if tiny else (HINT_M1 if m == 1 else HINT_M2)
+            for f in ((0.0, FRACTION) if m == 1 else (0.0,)):
+                jobs.add((k, f, m, "half2", gemv_half2.pick_config(m, n, k), ()))
+                for cfg, kw in cands:
+                    jobs.add((k, f, m, "half2", cfg, tuple(sorted(kw.items()))))
+    return [j[:5] + (dict(j[5]),) for j in sorted(jobs, key=repr)]
+
+
+def hints(log, writer, shapes, ms, device, tiny, deadline):
+    """Session 3's measurements (module docstring, --hints); every number also goes to the CSV."""
+    from quantease.kernels import dequantize_prepared, gemv_half2
+
+    bad = 0
+    summary = []
+    for m in ms:
+        cands = TINY_HINTS if tiny else (HINT_M1 if m == 1 else HINT_M2)
+        for n, k in shapes:
+            if log.elapsed() > deadline:
+                log("deadline reached")
+                break
+            lay = layouts(n, k, 0.0, device)
+            ncp = n_copies(weight_bytes(lay["half2"])) if device == "cuda" else 1
+            reps = copies(lay["half2"], ncp)
+            wf = dequantize_prepared(lay["v1"]).double()
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = x.double() @ wf.t()
+            b = min(time_fp16(n, k, m, device), time_fp16(n, k, m, device))
+            dcfg = gemv_half2.pick_config(m, n, k)
+            log(f"{n}x{k} M={m}: fp16 {b:.1f} us, default {cfg_name(dcfg, {})}  [{log.elapsed():.0f}s]")
+
+            def one(cfg, kw, tag):
+                nonlocal bad
+                try:
+                    us, err = measure(runner("half2", cfg, kw), lay["half2"], reps, x, ref, device)
+                except Exception as e:
+                    log(f"  {tag}{cfg_name(cfg, kw)} failed: {(str(e).strip().splitlines() or ['?'])[-1][:100]}")
+                    return None
+                ok = err < 3e-3
+                bad += not ok
+                gbs = (weight_bytes(lay["half2"]) + 2 * m * (n + k)) / us / 1e3
+                writer.writerow(["hints", n, k, m, 0.0, "half2", tag + cfg_name(cfg, kw), f"{us:.2f}", f"{gbs:.0f}",
+                                 f"{b / us:.3f}", f"{b:.2f}", f"{err:.2e}"])
+                log(f"  {tag}{cfg_name(cfg, kw):34s} {us:7.2f} us  {b / us:5.2f}x fp16  err {err:.1e}"
+                    f"{'' if ok else ' WRONG'}")
+                return (us, cfg, kw) if ok else None
+
+            d = one(dcfg, {}, "default ")
+            res = [r for r in (one(cfg, kw, "") for cfg, kw in cands) if r is not None]
+            if d is None or not res:
+                continue
+            best = min(res, key=lambda r: r[0])
+            o = ""
+            if m == 1:  # 0% and 0.5% outliers, default and best, back to back
+                lay5 = layouts(n, k, FRACTION, device)
+                reps5 = copies(lay5["half2"], ncp)
+                ref5 = x.double() @ dequantize_prepared(lay5["v1"]).double().t()
+                pair = []
+                for us0, cfg, kw in (d, best):
+                    t0 = timed([lambda q=q: runner("half2", cfg, kw)(x, q, torch.empty(1, n, device=device,
+                                                                                      dtype=x.dtype))
+                                for q in reps], device)
+                    us5, err5 = measure(runner("half2", cfg, kw), lay5["half2"], reps5, x, ref5, device)
+                    bad += not err5 < 3e-3
+                    writer.writerow(["hints_outliers", n, k, m, FRACTION, "half2", cfg_name(cfg, kw), f"{us5:.2f}",
+                                     "", f"{b / us5:.3f}", f"{b:.2f}", f"paired_0pct={t0:.2f} err={err5:.2e}"])
+                    pair.append(f"{t0:.1f} / {us5:.1f}")
+                    log(f"  outliers {cfg_name(cfg, kw):28s} 0%: {t0:6.2f}  0.5%: {us5:6.2f} us (+"
+                        f"{(us5 / t0 - 1) * 100:.0f}%)  err {err5:.1e}")
+                o = " | ".join(pair)
+                del reps5, lay5
+            summary.append(f"| {n}x{k} | {m} | {b:.1f} | {cfg_name(dcfg, {})} {d[0]:.1f} ({b / d[0]:.2f}x) | "
+                           f"{cfg_name(best[1], best[2])} {best[0]:.1f} ({b / best[0]:.2f}x) | {o} |")
+            del reps, lay, wf
+    log("\n| N x K | M | fp16 us | default us (vs fp16) | best candidate us (vs fp16) | "
+        "default 0% / 0.5% outl. | best 0% / 0.5% outl. |")
+    log("|---|---|---|---|---|---|---|")
+    for line in summary:
+        log(line if line.count("|") == 8 else line + " | |")
+    return bad
 
 
 def focus_jobs(shapes, tiny):
@@ -366,7 +486,8 @@ def focus_jobs(shapes, tiny):
             jobs.add((k, 0.0, m, "v1", gemv.pick_config(m), ()))
         jobs.add((k, FRACTION, 1, "half2", gemv_half2.pick_config(1, n, k), ()))
     for n, k in oshapes:
-        jobs.add((k, FRACTION, 1, "half2", gemv_half2.pick_config(1, n, k), (("early_outliers", False),)))
+        for early in (False, True):
+            jobs.add((k, FRACTION, 1, "half2", gemv_half2.pick_config(1, n, k), (("early_outliers", early),)))
     return [j[:5] + (dict(j[5]),) for j in sorted(jobs, key=repr)]
 
 
@@ -412,7 +533,7 @@ def focus(log, writer, shapes, device, tiny, deadline):
         b = base(n, k, 1)
         log(f"{n}x{k} M=1 (fp16 {b:.1f} us)  [{log.elapsed():.0f}s]")
         if (n, k) == (8192, 8192) or tiny:
-            for bn, bkb, warps in ((8, 16, 1), (8, 8, 1), (4, 16, 1)) if not tiny else ((8, 2, 1),):
+            for bn, bkb, warps in ((8, 16, 1), (8, 8, 1), (4, 16, 1), (2, 64, 1)) if not tiny else ((8, 2, 1),):
                 calls = [probe_calls(q, bn, bkb, warps) for q in reps["half2"]]
                 for i in range(2):
                     name = calls[0][i][0]
@@ -504,6 +625,7 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,28672x8192 (default: all nine)")
     ap.add_argument("--ms", default="1,2,4,8")
     ap.add_argument("--focus", action="store_true", help="session 2's probes / candidates / outliers / table")
+    ap.add_argument("--hints", action="store_true", help="session 3's pinned loads / cache hints candidates")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log = Log(os.path.join(args.out, "gemv_sweep.log"))
@@ -528,6 +650,8 @@ def main():
     jobs = [j[:5] + (dict(j[5]),) for j in jobs]  # sorted by K: a worker keeps one K's proxy weights at a time
     if args.focus:
         jobs = focus_jobs(shapes, tiny)
+    if args.hints:
+        jobs = hint_jobs(shapes, ms, tiny)
     workers = args.workers if args.workers is not None else (max(1, min(14, (os.cpu_count() or 4) - 2))
                                                             if device == "cuda" else 0)
     pool = res = None
@@ -555,6 +679,15 @@ def main():
         for (v, name, m), err in sorted(failed.items()):
             log(f"  compile failed: {v} {name} M={m}: {err}")
         log(f"compile: done [{log.elapsed():.0f}s]")
+
+    if args.hints:
+        with open(os.path.join(args.out, "gemv_sweep.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["phase", "n", "k", "m", "fraction", "variant", "config", "us", "gbs", "speedup_vs_fp16",
+                             "fp16_us", "rel_err_or_note"])
+            bad += hints(log, writer, shapes, ms, device, tiny, args.deadline)
+        log(f"done [{log.elapsed():.0f}s]; check {'passed' if bad == 0 else 'FAILED'}")
+        return 1 if bad else 0
 
     if args.focus:
         with open(os.path.join(args.out, "gemv_sweep.csv"), "w", newline="") as f:

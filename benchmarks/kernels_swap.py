@@ -11,6 +11,9 @@
    both read "separate": the wrapper does not fuse there, see gemm_swap.FUSED_MAX_BM).
 Prints one row per (shape, M) as it goes, writes $OUT/swap.csv and $OUT/swap.log, then the best config per M bucket
 (summed over the shapes) and the issue-5 targets.  Candidate configs are skipped once --budget seconds are used.
+--asym: every weight gets random uint8 zeros [N, 1] (quantease's default checkpoint: per-channel asymmetric); the
+REGA candidates then run the asymmetric register-A path (epilogue (z - 4) * sum_k x), and --quick adds a column
+with the table config on the same shapes' symmetric weights.
 """
 import argparse
 import csv
@@ -24,17 +27,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels as kb  # noqa: E402  (benchmarks/kernels.py: make_prepared, time_fp16, time_kernel, run_default)
 
 SHAPES = kb.SHAPES
+ASYM = False  # --asym
+TAG = ""  # "_asym": output file names
 MS = (4, 8, 16, 32, 64, 128, 256)
 # (BM, BN, num_warps, num_stages, SPLIT_K (0 auto), REGA) candidates per M bucket; the table's entry first
 CANDIDATES = {
-    16: [(16, 64, 4, 1, 0, True), (16, 128, 4, 1, 0, True), (16, 128, 8, 1, 0, True), (16, 64, 4, 1, 1, True),
+    16: [(16, 128, 4, 1, 0, True), (16, 64, 4, 1, 0, True), (16, 128, 8, 1, 0, True), (16, 64, 4, 1, 1, True),
          (16, 64, 4, 3, 0, False)],
-    32: [(32, 64, 4, 1, 0, True), (32, 128, 8, 1, 0, True), (32, 64, 4, 3, 0, False)],
-    64: [(64, 64, 4, 1, 0, True), (64, 128, 8, 1, 0, True), (64, 64, 4, 3, 0, False), (64, 128, 8, 3, 0, False)],
-    128: [(128, 64, 4, 2, 0, False), (128, 128, 8, 2, 0, False), (128, 64, 4, 1, 0, True)],
-    256: [(128, 128, 8, 2, 0, False), (128, 64, 4, 2, 0, False), (256, 64, 4, 1, 0, False),
-          (256, 128, 8, 1, 0, False)],
+    32: [(32, 64, 4, 3, 0, False), (32, 64, 4, 1, 0, True), (32, 128, 8, 1, 0, True)],
+    64: [(64, 128, 8, 3, 0, False), (64, 64, 4, 1, 0, True), (64, 128, 8, 1, 0, True), (64, 64, 4, 3, 0, False)],
+    128: [(128, 128, 8, 2, 0, False), (128, 64, 4, 2, 0, False), (128, 64, 4, 1, 0, True)],
+    256: [(256, 128, 8, 1, 0, False), (128, 128, 8, 2, 0, False), (128, 64, 4, 2, 0, False),
+          (256, 64, 4, 1, 0, False)],
 }
+
+
+def make_prepared(n, k, fraction, device, seed=0, asym=None):
+    """kb.make_prepared (3-bit per channel), with random zeros in [0, 8) per row when asym (default: --asym)."""
+    from quantease.format import layout
+    from quantease.kernels import prepare_weights
+
+    p, ckpt = kb.make_prepared(n, k, 3, -1, fraction, device=device, seed=seed)
+    if not (ASYM if asym is None else asym):
+        return p, ckpt
+    g = torch.Generator(device=device).manual_seed(seed + 1000)
+    zeros = torch.randint(0, 8, (n, layout.num_groups(k, -1)), generator=g, device=device, dtype=torch.uint8)
+    ckpt = (ckpt[0], ckpt[1], zeros) + tuple(ckpt[3:])
+    return prepare_weights(*ckpt, 3, -1, k), ckpt
 
 
 class Tee:
@@ -68,7 +87,7 @@ def check(device, shapes, ms):
     print("check: relative error vs float64 (tolerance fp16 3e-3, bf16 1.5e-2), table config, 0.5% outliers fused")
     worst = 0.0
     for n, k in shapes:
-        p, _ = kb.make_prepared(n, k, 3, -1, 0.005, device=device, seed=1)
+        p, _ = make_prepared(n, k, 0.005, device, seed=1)
         w64 = dequantize_prepared(p).double()
         errs = []
         for m, dtype in [(m, torch.float16) for m in ms] + [(ms[1], torch.bfloat16), (ms[-1], torch.bfloat16)]:
@@ -109,7 +128,7 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
     print("check: every candidate, relative error vs float64 (tolerance fp16 3e-3, bf16 1.5e-2), 0.5% outliers")
     bad = 0
     for n, k in shapes[:2]:
-        p, _ = kb.make_prepared(n, k, 3, -1, 0.005, device=device, seed=2)
+        p, _ = make_prepared(n, k, 0.005, device, seed=2)
         w64 = dequantize_prepared(p).double()
         errs = []
         for m in ms:
@@ -127,21 +146,28 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
         print(f"  {n}x{k}: " + ", ".join(errs), flush=True)
         del w64, p
     print(f"check: {'all pass' if not bad else f'{bad} FAILED'} [{time.time() - t0:.0f}s]", flush=True)
-    f = open(os.path.join(args.out, "swap_quick.csv"), "w", newline="")
+    f = open(os.path.join(args.out, f"swap_quick{TAG}.csv"), "w", newline="")
     writer = csv.writer(f)
     writer.writerow(["n", "k", "m", "fraction", "variant", "config", "us", "fp16_us", "speedup_vs_fp16"])
     fp16 = {}
-    print("\n| N x K | M | fp16 us | v3 gemm us | swap table us | " + " | ".join(
+    print(f"\nweights: {'asymmetric (random zeros)' if ASYM else 'symmetric'}")
+    print("\n| N x K | M | fp16 us | v3 gemm us | swap table us | " + ("table sym us | " if ASYM else "") + " | ".join(
         "cand " + str(i) for i in range(6)) + " |", flush=True)
     for n, k in shapes:
-        p0 = rotate(kb.make_prepared(n, k, 3, -1, 0.0, device=device)[0])
-        p5 = rotate(kb.make_prepared(n, k, 3, -1, 0.005, device=device)[0]) if (n, k) == shapes[0] else None
+        p0 = rotate(make_prepared(n, k, 0.0, device)[0])
+        p0s = rotate(make_prepared(n, k, 0.0, device, asym=False)[0]) if ASYM else None
+        p5 = rotate(make_prepared(n, k, 0.005, device)[0]) if (n, k) == shapes[0] else None
         for m in ms:
             base = time_fp16(n, k, m, fp16)
             v3 = time_kernel(p0, m, lambda x, q, o: gemm.qgemm(x, q, None, o))
             tab = time_kernel(p0, m, swap_run(None))
             cells, res = [], []
-            for name, us, cfg in (("fp16", base, ""), ("v3_gemm", v3, ""), ("swap_table", tab, gemm_swap.pick_config(m))):
+            named = (("fp16", base, ""), ("v3_gemm", v3, ""), ("swap_table", tab, gemm_swap.pick_config(m)))
+            if ASYM:  # the same shape's symmetric weights, table config: what the asymmetric epilogue costs
+                tab_sym = time_kernel(p0s, m, swap_run(None))
+                named += (("swap_table_sym", tab_sym, gemm_swap.pick_config(m)),)
+                cells.append(f"{tab_sym:.1f}")
+            for name, us, cfg in named:
                 writer.writerow([n, k, m, 0.0, name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
             for cfg in QUICK[quick_b(m)]:
                 us = time_kernel(p0, m, swap_run(cfg))
@@ -165,9 +191,9 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
                     line.append(f"{cfg} {name[5:]} {us:.1f} ({us / us0 - 1:+.0%})")
                 print("    0.5% outliers (vs best 0%): " + "; ".join(line), flush=True)
             f.flush()
-        del p0, p5
+        del p0, p5, p0s
     print("candidates: " + "; ".join(f"{b}: " + ", ".join(f"{i}={c}" for i, c in enumerate(QUICK[b])) for b in QUICK))
-    print(f"[{time.time() - t0:.0f}s] wrote {args.out}/swap_quick.csv and swap_quick.log", flush=True)
+    print(f"[{time.time() - t0:.0f}s] wrote {args.out}/swap_quick{TAG}.csv and swap_quick{TAG}.log", flush=True)
 
 
 def main():
@@ -177,9 +203,12 @@ def main():
     ap.add_argument("--budget", type=float, default=330.0, help="seconds after which only the table config is timed")
     ap.add_argument("--deadline", type=float, default=420.0, help="seconds after which no new shape is started")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run under TRITON_INTERPRET=1, timers stubbed")
+    ap.add_argument("--asym", action="store_true", help="asymmetric weights (random per-channel zeros)")
     args = ap.parse_args()
+    global ASYM, TAG
+    ASYM, TAG = args.asym, "_asym" if args.asym else ""
     os.makedirs(args.out, exist_ok=True)
-    sys.stdout = Tee(os.path.join(args.out, "swap_quick.log" if args.quick else "swap.log"))
+    sys.stdout = Tee(os.path.join(args.out, ("swap_quick" if args.quick else "swap") + TAG + ".log"))
     from quantease.kernels import gemm_swap
 
     t0 = time.time()
@@ -211,7 +240,7 @@ def main():
     check(device, shapes, (4, 16, 64, 256))
     print(f"[{time.time() - t0:.0f}s]", flush=True)
 
-    f = open(os.path.join(args.out, "swap.csv"), "w", newline="")
+    f = open(os.path.join(args.out, f"swap{TAG}.csv"), "w", newline="")
     writer = csv.writer(f)
     writer.writerow(["n", "k", "m", "fraction", "variant", "config", "us", "fp16_us", "speedup_vs_fp16"])
     fp16, best0, totals, rows = {}, {}, {}, []
@@ -222,8 +251,8 @@ def main():
         if time.time() - t0 > args.deadline:
             print(f"  deadline ({args.deadline:.0f}s): {n}x{k} and later shapes skipped", flush=True)
             break
-        p0 = rotate(kb.make_prepared(n, k, 3, -1, 0.0, device=device)[0])
-        p5 = rotate(kb.make_prepared(n, k, 3, -1, 0.005, device=device)[0])
+        p0 = rotate(make_prepared(n, k, 0.0, device)[0])
+        p5 = rotate(make_prepared(n, k, 0.005, device)[0])
         for m in ms:
             base = time_fp16(n, k, m, fp16)
             dflt = time_kernel(p0, m, kb.run_default)
@@ -280,7 +309,7 @@ def main():
         print(f"  M=256 time <= 1.25x fp16: max {max(r256):.2f}x -> {'met' if max(r256) <= 1.25 else 'NOT met'}")
     if oc:
         print(f"  0.5% outliers <= +10%: max {max(oc) * 100:+.0f}% -> {'met' if max(oc) <= 0.10 else 'NOT met'}")
-    print(f"[{time.time() - t0:.0f}s] wrote {args.out}/swap.csv and swap.log", flush=True)
+    print(f"[{time.time() - t0:.0f}s] wrote {args.out}/swap{TAG}.csv and swap{TAG}.log", flush=True)
 
 
 if __name__ == "__main__":

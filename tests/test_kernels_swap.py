@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from test_kernels import DEVICE, check, make_weight, needs_triton, reference64  # first: sets TRITON_INTERPRET
+from quantease.format import layout
 from quantease.kernels import prepare_weights
 from quantease.kernels import gemm_swap
 
@@ -27,6 +28,7 @@ def run_swap(n, k, bits, group_size, fraction, sym, m, dtype, bias, seed=0, conf
     y = gemm_swap.qgemm_swap(x, p, b, out, config=config, outliers_fused=fused, gather_x=gather_x)
     assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
     check(y, reference64(x, w, bits, group_size, k, b), dtype)
+    return p, x
 
 
 # every M x dtype with the table's config for that M, cycling shape / bits / grid / outliers / bias
@@ -56,10 +58,67 @@ def test_paths_split_outliers(rega, split, fused, dtype):
 @needs_triton
 @pytest.mark.parametrize("bits,group_size,sym", ((3, 256, True), (3, 512, False), (4, 256, True), (3, 128, False),
                                                  (2, 32, True), (8, -1, False)))
-def test_grids_on_both_paths(bits, group_size, sym):  # mode 1 (whole blocks), mode 2 (per element), asym fallback
+def test_grids_on_both_paths(bits, group_size, sym):  # mode 1 (whole blocks), mode 2 (per element), sym / asym
     for rega in (True, False):
         run_swap(40, 1100, bits, group_size, 0.01, sym, 7, torch.float16, False, seed=bits,
                  config=(16, 64, 4, 1, 2, rega))
+
+
+class LaunchSpy:
+    """Stands in for qgemm_swap_kernel: records the constexprs of each launch, then runs the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+# asymmetric grids (uint8 zeros) on the tf32 register-A path: the loop runs the symmetric unpack (c - 2**(b-1)),
+# the epilogue takes (z - 2**(b-1)) * sum_k x off (per split, per block for groups of whole blocks).  Every M of
+# the dispatch and beyond, fp16 / bf16, outliers or not, split-K 1 / > 1, x prefetch; M > 64 with BM = 64 tiles.
+ASYM_CASES = []
+for i, (m, dtype) in enumerate(itertools.product(MS, (torch.float16, torch.bfloat16))):
+    n, k = ((72, 1100), (33, 600), (40, 2100), (96, 300))[i % 4]
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    split, xpf = ((1, 0), (2, 4), (4, 2), (1, 1))[(i // 2) % 4]
+    ASYM_CASES.append((n, k, (3, 3, 4, 3, 2, 3, 8, 3)[i % 8], (-1, -1, -1, 256)[(i // 3) % 4],
+                       (0.0, 0.02)[(i // 2) % 2], m, dtype, i % 3 == 0, (bm, 64, 4, 1, split, True, xpf)))
+
+
+@needs_triton
+@pytest.mark.parametrize("n,k,bits,group_size,fraction,m,dtype,bias,config", ASYM_CASES)
+def test_asym_register_a(monkeypatch, n, k, bits, group_size, fraction, m, dtype, bias, config):
+    spy = LaunchSpy(gemm_swap.qgemm_swap_kernel)
+    monkeypatch.setattr(gemm_swap, "qgemm_swap_kernel", spy)
+    p, x = run_swap(n, k, bits, group_size, fraction, False, m, dtype, bias, seed=m + bits, config=config)
+    assert p["zeros"] is not None and gemm_swap.rega_ok(p, x)
+    assert [(c["REGA"], c["HAS_ZEROS"]) for c in spy.launches] == [(True, True)]
+
+
+# the asymmetric correction cancels: codes within 1 of zeros 1 or 6 (mean c - z = 0) and x with mean 4, so the loop's
+# sum_k (c - 4) x and the epilogue's (z - 4) sum_k x are each ~100x the result.  Exact in float32 arithmetic up to
+# the accumulation roundings; on a GPU this checks the tensor cores' fp32 accumulation as well.
+@needs_triton
+@pytest.mark.parametrize("dtype,split", ((torch.float16, 1), (torch.bfloat16, 4)))
+def test_asym_cancellation(dtype, split):
+    n, k, m = 72, 4100, 16
+    g = torch.Generator().manual_seed(5)
+    z = torch.tensor((1, 6), dtype=torch.uint8)[torch.randint(0, 2, (n, 1), generator=g)]
+    codes = z.long() + torch.randint(-1, 2, (n, k), generator=g)
+    w = (layout.pack_codes(codes, 3), (torch.rand(n, 1, generator=g) * 0.02 + 0.005).half(), z, None, None)
+    w = tuple(None if t is None else t.to(DEVICE) for t in w)
+    x = (torch.randn(m, k, generator=g) + 4).to(dtype).to(DEVICE)
+    p = prepare_weights(*w, 3, -1, k)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    gemm_swap.qgemm_swap(x, p, None, out, config=(16, 64, 4, 1, split, True, 2))
+    ref = reference64(x, w, 3, -1, k, None)
+    loop = x.double() @ ((codes.double() - 4) * w[1].double().cpu()).t().to(DEVICE)
+    assert loop.norm() > 30 * ref.norm()  # the case does cancel
+    check(out, ref, dtype)
 
 
 @needs_triton
@@ -99,9 +158,9 @@ def test_split_choice():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("m", (16, 200))
-def test_cuda_graph_capture(m):
-    w = make_weight(256, 1024, 3, -1, 0.01, True, 7)
+@pytest.mark.parametrize("m,sym", ((16, True), (200, True), (16, False)))
+def test_cuda_graph_capture(m, sym):
+    w = make_weight(256, 1024, 3, -1, 0.01, sym, 7)
     p = prepare_weights(*w, 3, -1, 1024)
     x = torch.randn(m, 1024, device="cuda").half()
     out = torch.empty(m, 256, device="cuda", dtype=torch.half)

@@ -57,6 +57,67 @@ def test_several_steps_and_a_partial_tail(prefetch, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("k,m", ((1000, 1), (300, 2), (100, 1)))  # 3 / 1 / 0 unmasked steps before the tail
+def test_prefetch_two_steps_ahead(k, m):
+    run_v2(20, k, -1, 0.01, True, m, torch.float16, False, seed=k, config=(8, 2, 2, 3, 2))
+
+
+@needs_triton
+@pytest.mark.parametrize("k,m,group_size,config,kw", (
+    (1000, 1, -1, (8, 2, 1, 3, 1, 2), {"pin": True}),  # hint 2 steps ahead (config) + pinned loads, masked tail
+    (1000, 2, 128, (8, 2, 2, 3, 2), {"lead": 3, "level": 1, "pin": True}),  # depth 2, L1 hints, groups
+    (300, 1, -1, (8, 1, 1), {"lead": 1}),  # 2 whole steps: the hint for step 2 is never issued
+))
+def test_cache_hints_and_pinned_loads(k, m, group_size, config, kw):
+    # on the CPU interpreter the hints are off (CUDA only: results never depend on them) and the barrier is a no-op
+    w = make_weight(24, k, 3, group_size, 0.02, group_size == -1, k + m)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g).half().to(DEVICE)
+    p = prepare_half2(*w, 3, group_size, k)
+    out = torch.full((m, 24), float("nan"), dtype=torch.float16, device=DEVICE)
+    y = gemv_half2.qgemv_half2(x, p, None, out, config=config, **kw)
+    check(y, reference64(x, w, 3, group_size, k, None), torch.float16)
+
+
+def test_cache_hint_arguments_checked():
+    w = make_weight(8, 96, 3, -1, 0.0, True, 8, device="cpu")
+    for kw in ({"lead": -1}, {"lead": 1, "level": 3}):
+        with pytest.raises(QuantEaseError, match="cache hint"):
+            gemv_half2.qgemv_half2(torch.randn(1, 96).half(), prepare_half2(*w, 3, -1, 96), None,
+                                   torch.empty(1, 8).half(), **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("early", (True, False))
+@pytest.mark.parametrize("m,fraction", ((1, 0.05), (3, 0.02)))  # 50 slots: the early first 32 + one more chunk
+def test_outlier_slots_before_or_after_the_loop(early, m, fraction):
+    w = make_weight(24, 1000, 3, -1, fraction, False, 11)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(m, 1000, generator=g).half().to(DEVICE)
+    p = prepare_half2(*w, 3, -1, 1000)
+    assert p["outlier_idx"].shape[1] == (50 if fraction == 0.05 else 20)
+    out = torch.full((m, 24), float("nan"), dtype=torch.float16, device=DEVICE)
+    y = gemv_half2.qgemv_half2(x, p, None, out, config=(8, 4, 1), early_outliers=early)
+    check(y, reference64(x, w, 3, -1, 1000, None), torch.float16)
+
+
+def test_config_table_by_shape():
+    pick = gemv_half2.pick_config
+    assert pick(1, 8192, 8192) == (8, 16, 1) and pick(1, 4096, 14336) == (8, 16, 1)
+    assert pick(1, 28672, 8192) == (32, 4, 1) and pick(1, 28672, 4096) == (32, 4, 1)
+    assert pick(1, 8192, 28672) == (8, 16, 1)  # long N only pays with K <= 8192
+    assert pick(1, 4096, 11008) == (8, 32, 4)  # 86 blocks of 128: ragged
+    # ragged counts blocks of 32 q columns: K = 4000 is 32 blocks of 128 (2 whole steps), 125 blocks of 32
+    assert pick(1, 4096, 4000) == (8, 16, 1) and pick(1, 4096, 4000, q=1) == (8, 32, 4)
+    assert pick(2, 8192, 8192) == (8, 16, 2) and pick(2, 11008, 4096) == (16, 4, 1)
+    assert pick(2, 4096, 11008) == (32, 16, 8) and pick(1) == pick(1, 8192, 8192)
+    with pytest.raises(QuantEaseError, match="prefetch depth"):
+        w = make_weight(8, 96, 3, -1, 0.0, True, 8, device="cpu")
+        gemv_half2.qgemv_half2(torch.randn(1, 96).half(), prepare_half2(*w, 3, -1, 96), None,
+                               torch.empty(1, 8).half(), prefetch=3)
+
+
+@needs_triton
 @pytest.mark.parametrize("group_size,m,dtype", ((256, 1, torch.float16), (512, 3, torch.bfloat16)))
 def test_groups_of_several_blocks(group_size, m, dtype):  # 2 / 4 blocks of 128 columns per group
     run_v2(24, 600, group_size, 0.02, group_size == 512, m, dtype, False, seed=group_size, config=(8, 2, 2))
@@ -105,8 +166,8 @@ def test_unsupported_inputs_raise_one_clear_error():
 
 @needs_triton
 def test_dispatch_env(monkeypatch):
-    """QUANTEASE_GEMV=half2 routes supported GEMV rows to v2; everything else (other bits, odd groups, fp32 x,
-    the default) stays on v1 and still matches the reference."""
+    """half2 is the default GEMV where it applies (QUANTEASE_GEMV unset or "half2"); other bits, odd groups and fp32
+    x stay on v1, and QUANTEASE_GEMV=v1 sends everything there; all match the reference."""
     calls = []
     real = gemv_half2.qgemv_half2
 
@@ -115,23 +176,44 @@ def test_dispatch_env(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gemv_half2, "qgemv_half2", spy)
+    monkeypatch.delenv(gemv_half2.GEMV_ENV, raising=False)
 
-    def one(bits, group_size, dtype, k=96):
+    def one(bits, group_size, dtype, k=96, m=1):
         w = make_weight(16, k, bits, group_size, 0.05, False, 9)
         p = prepare_weights(*w, bits, group_size, k)
-        x = torch.randn(1, k).to(dtype).to(DEVICE)
-        out = torch.full((1, 16), float("nan"), dtype=dtype, device=DEVICE)
+        x = torch.randn(m, k).to(dtype).to(DEVICE)
+        out = torch.full((m, 16), float("nan"), dtype=dtype, device=DEVICE)
         check(qlinear_prepared(x, p, None, backend="triton", out=out), reference64(x, w, bits, group_size, k, None),
               dtype)
         return len(calls)
 
-    assert one(3, -1, torch.float16) == 0  # default: v1
-    monkeypatch.setenv(gemv_half2.GEMV_ENV, "half2")
-    assert one(3, -1, torch.float16) == 1
-    assert one(3, 32, torch.bfloat16) == 2
+    assert one(3, -1, torch.float16) == 1  # default: half2
+    assert one(3, 32, torch.bfloat16, m=2) == 2
     assert one(4, -1, torch.float16) == 2  # other bits: v1
     assert one(3, 50, torch.float16, k=100) == 2  # groups not a multiple of 32: v1
     assert one(3, -1, torch.float32) == 2  # fp32 activations: v1
+    monkeypatch.setenv(gemv_half2.GEMV_ENV, "v1")
+    assert one(3, -1, torch.float16) == 2
     monkeypatch.setenv(gemv_half2.GEMV_ENV, "v3")
     with pytest.raises(QuantEaseError, match="QUANTEASE_GEMV"):
         one(3, -1, torch.float16)
+
+
+@needs_triton
+def test_layout_added_at_load_time_is_used_as_is():
+    """add_layout puts the half2 words in prepare_weights' dict: the dispatcher then reads them and builds no
+    hidden copy; without them it builds one on first use (cached on plane0)."""
+    w = make_weight(16, 256, 3, -1, 0.02, True, 13)
+    x = torch.randn(1, 256).half().to(DEVICE)
+    ref = reference64(x, w, 3, -1, 256, None)
+    p = gemv_half2.add_layout(prepare_weights(*w, 3, -1, 256))
+    assert torch.equal(p["words"], prepare_half2(*w, 3, -1, 256)["words"])
+    out = torch.full((1, 16), float("nan"), dtype=torch.float16, device=DEVICE)
+    check(qlinear_prepared(x, p, None, backend="triton", out=out), ref, torch.float16)
+    assert not hasattr(p["plane0"], "_quantease_half2")
+    p.pop("words")
+    out = torch.full((1, 16), float("nan"), dtype=torch.float16, device=DEVICE)
+    check(qlinear_prepared(x, p, None, backend="triton", out=out), ref, torch.float16)
+    assert hasattr(p["plane0"], "_quantease_half2")
+    w4 = make_weight(16, 256, 4, -1, 0.0, True, 13)
+    assert gemv_half2.add_layout(prepare_weights(*w4, 4, -1, 256))["words"] is None

@@ -13,20 +13,32 @@ is staged in smem.  Triton 3.6 keeps A in registers only if every op between the
 elementwise arith op (or a unary inline asm) on loaded tiles and constants, with no narrowing conversion
 (OptimizeDotOperands' MMAV3HoistLayoutConversion), and only without its software pipelining.  Hence two paths:
 
-  REGA (fp16/bf16 x, symmetric, per channel or groups of whole blocks): the code stays float32 from the unpack
-    (2**(23 - p) + c, two LOP3s, one FADD: c - z exactly) to a tf32 wgmma -- exact, since c - z and fp16/bf16
-    x values are exact in tf32 -- at half the fp16 MMA rate, which small M does not notice.  The plane words
-    are converted to the MMA layout once per 256 columns (one smem pass of the words, 1/16 of the weight
-    tile's bytes); num_stages = 1, latency hidden by occupancy (split-K to ~4 programs per SM).
+  REGA (fp16/bf16 x, per channel or groups of whole blocks, symmetric or asymmetric): the code stays float32
+    from the unpack (2**(23 - p) + c, two LOP3s, one FADD: c - 2**(b-1) exactly) to a tf32 wgmma -- exact,
+    since c - 2**(b-1) and fp16/bf16 x values are exact in tf32 -- at half the fp16 MMA rate, which small M
+    does not notice.  The plane words are converted to the MMA layout once per 256 columns (one smem pass of
+    the words, 1/16 of the weight tile's bytes); num_stages = 1, latency hidden by occupancy (split-K to ~4
+    programs per SM).  Asymmetric grids (uint8 z): the per-row z cannot enter the unpack (a [BN] broadcast
+    blocks the hoist), so the loop is the symmetric one and acc[n, m] -= (z[n] - 2**(b-1)) * sum_k x[m, k]
+    follows it, before the scale: per channel, each split sums its own K range of x in a second pass after
+    the loop (x is L2-resident; no extra registers in the loop, no extra launch); groups of whole blocks sum
+    the slot tiles of each block as the loop loads them (+26 registers at (16, 64, 4)).
   16-bit A (everything else, and large M where the MMA rate matters): the same unpack, rounded to x's dtype;
     Triton stages that tile through shared memory per slot (STSM + LDSM), loads pipelined (num_stages >= 2).
 Per-channel scales (and groups of whole blocks) multiply the fp32 acc, not the weight.  Other group sizes
 dequantize per element (s * (c - z) rounded to 16 bits, as gemm.py does) on the 16-bit path.
 
 Outliers (ELL idx/val [N, R]): OUTLIERS=1 adds them in the epilogue, acc[n, :] += val[n, r] * x^T[idx[n, r], :]
-from x^T [K, M] (made once per call, contiguous along M: 2 BM-byte gathers); OUTLIERS=2 leaves them to the
+from x^T [K, M] (made once per call, contiguous along M: 2 BM-byte gathers; gather_x: from x itself, no copy,
+M sectors per slot); OUTLIERS=2 leaves them to the
 separate launch of kernels/outliers.py.  SPLIT_K > 1 (too few programs for the SMs) zeroes out and adds each
-split's partial with atomics in out's dtype (one extra rounding per split; bias and outliers by split 0).
+split's partial with atomics in out's dtype (one extra rounding per split; bias by split 0, each split R / SPLIT
+of the outlier slots).
+
+Measured (H100, benchmarks/kernel_notes.md "v5 measured"): the REGA loop is latency-bound, not issue-bound: each
+slot is a serial chain (x tile L2 load -> smem -> proxy fence -> barrier -> wgmma -> wait), ~930 cycles at 4
+programs / SM.  XPF (config element 7) loads the x slot tiles that many slots ahead to take the L2 round trip off
+that chain.
 """
 import torch
 import triton
@@ -35,14 +47,15 @@ import triton.language as tl
 from quantease.kernels.gemv import _code3
 from quantease.kernels.outliers import ell_add
 
-# (BM, BN, num_warps, num_stages, SPLIT_K, REGA) by M bucket; SPLIT_K 0 = pick_split (wrapper).
-# Measured best per bucket (sum over the 6 shapes of benchmarks/kernels_swap.py, H100, 2026-11-24 10:05 UTC run;
-# results/kernels_swap.md).  M <= 16: BN = 128 beats 64 by 1.3x (latency-bound: 4 programs / SM either way, so
-# twice the rows per program); 28672x8192 alone prefers (16, 64, 4, 3, 0, False) (108.7 vs 118.1 us at M = 4).
+# (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF]) by M bucket; SPLIT_K 0 = pick_split (wrapper); XPF = x
+# tiles loaded that many slots ahead (REGA path).  Measured on the H100 (results/kernels_swap.md): the 10:05 UTC
+# sweep over 6 shapes for 32/128/256, the 10:40 UTC --quick run (4096^2, 8192^2, 28672x8192, M 4/16/64) for 16/64:
+# M <= 16 (16, 64, 4, 1, 8, True, 4) 11.4-11.7 / 31.3-32.7 / 87.8-91.3 us (sum 266 us; (16, 128, ..., XPF 2): 270,
+# the old table entry without prefetch: 320); M = 64 (64, 128, 8, 1, 0, True, 2) 15.9 / 50.7 / 175.1 us, best on all 3.
 CONFIGS = {
-    16: (16, 128, 4, 1, 0, True),
+    16: (16, 64, 4, 1, 8, True, 4),
     32: (32, 64, 4, 3, 0, False),
-    64: (64, 128, 8, 3, 0, False),
+    64: (64, 128, 8, 1, 0, True, 2),
     128: (128, 128, 8, 2, 0, False),
     256: (256, 128, 8, 1, 0, False),  # unpipelined (BM = 256 x 2 stages of x slot tiles does not fit in smem)
 }
@@ -116,9 +129,12 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                       GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr,
                       INPLACE: tl.constexpr, ASM: tl.constexpr, IEEE: tl.constexpr, REGA: tl.constexpr,
                       SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, XPF: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, XPF: tl.constexpr, XBK: tl.constexpr):
     # GROUP_MODE 0: per channel; 1: groups of whole 256-column blocks; 2: per element
     PW: tl.constexpr = 32 // W0  # code slots per word
+    # asymmetric on the REGA path: the loop sums (c - ZERO) x as for a symmetric grid (the unpack cannot take a
+    # per-row [BN] zero, see the module doc); (z - ZERO) * sum_k x comes off after it (per split; per block in mode 1)
+    XSUM: tl.constexpr = REGA and HAS_ZEROS
     WPB: tl.constexpr = 8 * W0  # plane-0 words per block = columns per slot = the dot's K
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -138,7 +154,7 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
     if REGA and BITS == 3:  # the per-column plane-1 shift as a loaded tile (the hoist needs loads/constants)
         hsh_t = tl.load(hsh_ptr + q[None, :] + offs_n[:, None] * 0)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    if HAS_ZEROS:
+    if HAS_ZEROS and not XSUM:  # (XSUM: loaded after the loop, not held in registers through it)
         zn = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32)
     else:
         zn = tl.full((BN,), ZERO, tl.float32)
@@ -166,6 +182,8 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
             else:
                 zb = tl.full((BN,), ZERO, tl.float32)
             part = tl.zeros((BN, BM), dtype=tl.float32)
+            if XSUM:  # the block's zero differs: its own x sum, from the slot tiles the loop loads anyway
+                xa = tl.zeros((WPB, BM), dtype=tl.float32)
         else:
             zb = zn
             part = acc
@@ -201,6 +219,8 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                     else:
                         xp3 = _xload(x_cols, blk, j + XPF, q, K, mask_m, WPB)
             xj = xj.to(dtype)
+            if XSUM and GROUP_MODE == 1:
+                xa += xj
             if REGA:  # only elementwise ops on loaded tiles and constants between the loads and the dot
                 if BITS == 3:
                     c = _code3_sel(a, a_hi, hs, h_hi, h_15, j, ASM) - (ZERO + (1 << (23 - 2 * (j % 8))))
@@ -225,10 +245,23 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                 c = c * s_e.to(tl.float32)
             part = _dot(c.to(dtype), xj, part, IEEE, REGA)
         if GROUP_MODE == 1:
+            if XSUM:
+                part -= (zb - ZERO)[:, None] * tl.sum(xa, axis=0)[None, :]
             acc += part * sb[:, None]
         else:
             acc = part
     if GROUP_MODE == 0:
+        if XSUM:  # per channel: sum this split's x range in a second pass over x (L2-resident) after the loop, in
+            # [BM, XBK] tiles, 2 loads in flight; summing the slot tiles inside the loop instead costs 20-40
+            # registers with XPF (fewer programs per SM), and so does holding z or the sum through the loop
+            zn = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32)
+            xt = tl.zeros((BM, XBK), dtype=tl.float32)
+            k_hi = min(blk1 * 256, K)
+            for k0 in tl.range(blk0 * 256, k_hi, XBK, loop_unroll_factor=2):
+                kk = k0 + tl.arange(0, XBK)
+                xt += tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                              mask=mask_m[:, None] & (kk < k_hi)[None, :], other=0.0).to(tl.float32)
+            acc -= (zn - ZERO)[:, None] * tl.sum(xt, axis=1)[None, :]
         s = tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc * s[:, None]
     if HAS_BIAS:
@@ -285,8 +318,8 @@ def _hsh_table(device):
 
 
 def rega_ok(p, x):
-    """The tf32 register-A path: fp16/bf16 x, symmetric grid, per channel or groups of whole blocks."""
-    return x.dtype in (torch.float16, torch.bfloat16) and p["zeros"] is None and group_mode(p["group_size"]) != 2
+    """The tf32 register-A path: fp16/bf16 x, per channel or groups of whole blocks, symmetric or asymmetric."""
+    return x.dtype in (torch.float16, torch.bfloat16) and group_mode(p["group_size"]) != 2
 
 
 def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, asm=True, gather_x=None):
@@ -323,6 +356,9 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
     hsh = _hsh_table(x.device) if rega and bits == 3 else p["plane0"]
     if split > 1:
         out.zero_()
+    # asym x-sum pass: [BM, XBK] x tiles of 1024 / (acc elements per thread): no more registers than the K loop
+    # (sm_90 AOT: 80 at (16, 64, 4), 128 at (16, 128, 4), 123 at (64, 128, 8), as symmetric)
+    xbk = max(64, min(1024, 1024 * 32 * warps // (bm * bn)))
     br = max(1, min(8, triton.next_power_of_2(BR_ELEMS * 32 * warps // (bm * bn) + 1) // 2))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
     qgemm_swap_kernel[grid](
@@ -337,7 +373,8 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
         GROUP_MODE=mode, HAS_BIAS=bias is not None, OUTLIERS=outliers,
         INPLACE=inplace and bits == 3 and mode != 2, ASM=asm and on_cuda,
         IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not on_cuda and not rega), REGA=rega,
-        SPLIT=split > 1, ATOMIC=on_cuda, BM=bm, BN=bn, BR=br, XPF=xpf, num_warps=warps, num_stages=stages)
+        SPLIT=split > 1, ATOMIC=on_cuda, BM=bm, BN=bn, BR=br, XPF=xpf, XBK=xbk, num_warps=warps,
+        num_stages=stages)
     if outliers == 2:
         ell_add(x, oi, ov, out)
     return out

@@ -19,10 +19,11 @@ mantissa at bit p, so it is (z | z << 16) * 2**p + const, one IMAD per code posi
 Grouped asymmetric grids instead subtract 2**e only and take z * sum(x) off at the flush: a per-element zero in
 the HADD2 operand made triton move every x vector through shared memory (benchmarks/kernel_notes.md).
 
-Tile: a program owns BN output rows (and BM <= 4 rows of x; grid axis 1 covers larger M) and walks K in steps
+Tile: a program owns BN output rows (and BM <= 4 rows of x; more rows -> M / BM adjacent programs per row block) and walks K in steps
 of BKB blocks of 32 Q columns: three [BN, Q * BKB] word tiles per step (one per role, 16-byte loads), the next
-step's tiles loaded before this step's math.  Steps of whole blocks inside K load x without masks; one masked
-tail step takes the rest.  Outliers are fused after the loop exactly as in gemv.py.
+step's tiles (or the next two: prefetch depth 2) loaded before this step's math.  Steps of whole blocks inside K
+load x without masks; one masked tail step takes the rest.  Outliers are fused as in gemv.py, except that the
+first 32 slots of each row are loaded before the loop (their latency hides under it) where registers allow.
 
 The f16x2 / bf16x2 arithmetic is inline PTX on CUDA (ASM); elsewhere (TRITON_INTERPRET=1 on CPU, or asm=False)
 the same operations are emulated lane by lane in fp32 with one round to 16 bits per operation, which is what
@@ -35,24 +36,46 @@ import triton
 import triton.language as tl
 
 from quantease.errors import QuantEaseError
-from quantease.kernels.prepare import half2_from_prepared, half2_supported
+from quantease.kernels.prepare import half2_from_prepared, half2_supported, half2_words_per_role
 
-# (BN, blocks of 32 Q columns per K step, num_warps) by M; first guesses, to be swept on the H100
-CONFIGS = {1: (16, 16, 8), 2: (16, 8, 4), 4: (16, 8, 4)}
-BM_MAX = 4  # rows of x per program; more rows -> more programs along grid axis 1
+# Configs: (BN, blocks of 32 Q columns per K step, num_warps[, num_stages[, prefetch depth]]); stages default 3
+# (triton's default: no effect here, the loads are register-prefetched), prefetch depth 1 (the next step's words
+# are loaded before this step's math).  Chosen ahead per shape from the H100 sweep (benchmarks/gemv_sweep.py,
+# benchmarks/results/kernels_gemv.md); no autotuning at call time (CUDA-graph capture, torch.compile).
+#   M = 1: 1-warp programs of 8 rows x 16 blocks (2048 columns per step for Q = 4) were best or within 4% on 8 of
+#   the 9 shapes; long N (>= 16384, 28672 x 4096 / 8192) wants narrower steps (32, 4, 1): 40.5 vs 42.1 us; a K
+#   that is not a whole number of 16-block steps (4096 x 11008: 86 blocks) pays a masked tail step on 1/6 of K:
+#   (8, 32, 4) 11.0 vs (8, 16, 1) 14.5 us.
+#   M = 2: (8, 16, 2) best on 5 shapes; long N (>= 10000) (16, 4, 1); ragged K (32, 16, 8) 14.8 vs 18.1 us.
+#   M >= 3: not tuned (ops.py sends M >= 3 to the tensor-core GEMM); the most frequent M = 4 winner.
+BM_MAX = 4  # rows of x per program; more rows -> more programs per row block
+LONG_N_M1, LONG_N_M2 = 16384, 10000
 
 
-def pick_config(m):
-    return CONFIGS[1 if m == 1 else (2 if m == 2 else 4)]
+def pick_config(m, n=None, k=None, q=4):
+    """The table above: config for M rows of x on an N x K layer (q words per role per block; n/k None: the
+    8192 x 8192 choice)."""
+    ragged = k is not None and triton.cdiv(k, 32 * q) % 16 != 0  # blocks of 32 q columns not a multiple of 16
+    long_n = n is not None and k is not None and k <= 8192
+    if m == 1:
+        if ragged:
+            return (8, 32, 4)
+        return (32, 4, 1) if long_n and n >= LONG_N_M1 else (8, 16, 1)
+    if m == 2:
+        if ragged:
+            return (32, 16, 8)
+        return (16, 4, 1) if long_n and n >= LONG_N_M2 else (8, 16, 2)
+    return (8, 16, 2)
 
 
-GEMV_ENV = "QUANTEASE_GEMV"  # "half2": ops.py sends the GEMV rows here where supports(); "v1"/unset: gemv.py
+GEMV_ENV = "QUANTEASE_GEMV"  # "half2" (default): ops.py sends the GEMV rows here where supports(); "v1": gemv.py
 GEMV_CHOICES = ("v1", "half2")
 
 
 def selected():
-    """The GEMV that $QUANTEASE_GEMV asks for ("v1" when unset)."""
-    name = os.environ.get(GEMV_ENV, "v1") or "v1"
+    """The GEMV that $QUANTEASE_GEMV asks for ("half2" when unset: 1.08-1.67x faster than v1 at M = 1 on all nine sweep shapes,
+    benchmarks/results/kernels_gemv.md)."""
+    name = os.environ.get(GEMV_ENV, "half2") or "half2"
     if name not in GEMV_CHOICES:
         raise QuantEaseError(f"${GEMV_ENV}={name!r} is not one of {GEMV_CHOICES}")
     return name
@@ -63,10 +86,21 @@ def supports(p, x):
     return half2_supported(p["bits"], p["group_size"]) and x.dtype in (torch.float16, torch.bfloat16)
 
 
+def add_layout(p):
+    """Load time: prepare_weights' dict p gains the half2 words (key "words"; None where the half2 GEMV does not
+    apply), built once here, eagerly, so that a runtime can keep them as a buffer / parameter beside the planes
+    (seen by vLLM's memory profiling, never built inside a CUDA-graph capture).  Returns p."""
+    p["words"] = half2_from_prepared(p)["words"] if half2_supported(p["bits"], p["group_size"]) else None
+    return p
+
+
 def cached_layout(p):
-    """prepare_weights' dict -> the half2 dict, built once and kept on the plane0 tensor (the custom op rebuilds
-    p from its tensors every call).  Both layouts then stay resident: an opt-in for measuring, not for serving
-    -- a runtime that adopts v2 should call prepare_half2 at load time instead."""
+    """The half2 dict for prepare_weights' dict p: p itself (plus q) when it carries "words" (add_layout at load
+    time: the production path), else built on first use and kept on the plane0 tensor (the custom op rebuilds p
+    from its tensors every call) -- a hidden second copy that appears only at the first decode step: tests and
+    benchmarks only."""
+    if p.get("words") is not None:
+        return dict(p, q=half2_words_per_role(p["group_size"]))
     parts = (p["plane0"], p["plane1"], p["scales"], p["zeros"], p["outlier_idx"], p["outlier_val"])
     key = tuple((t.data_ptr(), t._version) if t is not None else None for t in parts) + (p["group_size"],)
     hit = getattr(p["plane0"], "_quantease_half2", None)
@@ -307,6 +341,22 @@ def _words(w_row, t, mask_n, blk, NBLK, SW: tl.constexpr, Q: tl.constexpr, BKB: 
 
 
 @triton.jit
+def _hint(w_ptr, offs_n, N, stride_w, t, SW: tl.constexpr, LINES: tl.constexpr, LEVEL: tl.constexpr):
+    """Cache prefetch (no registers: ptxas cannot sink it) of step t's [BN, SW] words: one per 128-byte line of
+    each row's run of the step (LINES = next power of 2 of its lines + 1; the last element covers the run's end),
+    rows past N clamped to N - 1.  Only for steps inside K (the caller's test).  LEVEL 2: into L2, 1: into L1."""
+    rows = tl.minimum(offs_n, N - 1)
+    off = tl.minimum(tl.arange(0, LINES) * 32, SW - 1)  # words: 32 = one 128-byte line
+    addr = (w_ptr + rows[:, None] * stride_w + t * SW + off[None, :]).to(tl.int64, bitcast=True)
+    if LEVEL == 1:
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.b32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    else:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _step(t, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, Mloc,
           s_ptr, z_ptr, offs_n, mask_n, blk, NBLK, stride_s, stride_z,
           BF16: tl.constexpr, ASM: tl.constexpr, BM: tl.constexpr, NO_MASK: tl.constexpr, Q: tl.constexpr,
@@ -336,13 +386,32 @@ def _step(t, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, 
 
 
 @triton.jit
+def _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR: tl.constexpr):
+    """The first BR outlier slots of each row (index, value); issued before the K loop so that their latency hides
+    under it (loaded after the loop, the index -> x gather -> sum chain was exposed: +11-14% at 4096 rows)."""
+    offs_r = tl.arange(0, BR)
+    rmask = mask_n[:, None] & (offs_r[None, :] < R)
+    idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
+    val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+    return idx, val
+
+
+@triton.jit
 def _finish_row(yacc, y_ptr, m, Mloc, s, offs_n, mask_n, bias, x_ptr, oi_ptr, ov_ptr, R, stride_oi, stride_ov,
-                PER_CHANNEL: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr):
+                idx0, val0, PER_CHANNEL: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BR: tl.constexpr, EARLY: tl.constexpr):
     y = tl.sum(yacc, axis=1)
     if PER_CHANNEL:
         y = s * y
     if HAS_OUTLIERS:  # R slots per row; every program gathers the same number of x values (balanced)
-        for r0 in range(0, R, BR):
+        start = 0
+        if EARLY:  # slots 0..BR-1 were loaded before the loop (idx0, val0): only the x gather is left
+            offs_r = tl.arange(0, BR)
+            rmask = mask_n[:, None] & (offs_r[None, :] < R)
+            xg = tl.load(x_ptr + idx0.to(tl.int32), mask=rmask & (offs_r[None, :] * 0 + m < Mloc), other=0.0)
+            y += tl.sum(xg.to(tl.float32) * val0.to(tl.float32), axis=1)
+            start = BR
+        for r0 in range(start, R, BR):
             offs_r = r0 + tl.arange(0, BR)
             rmask = mask_n[:, None] & (offs_r[None, :] < R)
             idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
@@ -360,12 +429,16 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                        stride_xm, stride_ym, stride_w, stride_s, stride_z, stride_oi, stride_ov,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, PER_CHANNEL: tl.constexpr,
                        HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                       PREFETCH: tl.constexpr,
+                       PREFETCH: tl.constexpr, EARLY: tl.constexpr, LEAD: tl.constexpr, LEVEL: tl.constexpr,
+                       LINES: tl.constexpr, PIN: tl.constexpr,
                        Q: tl.constexpr, GB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr,
                        BR: tl.constexpr):
     BKW: tl.constexpr = Q * BKB  # words per role per step per row
-    pid_n = tl.program_id(0)
-    row0 = tl.program_id(1) * BM
+    # programs of one row block (all M / BM of them) are adjacent in launch order: for M > BM the later ones
+    # read the weight tile from L2, not HBM (a second grid axis re-streamed the whole weight per row group)
+    MB = tl.cdiv(M, BM)
+    pid_n = tl.program_id(0) // MB
+    row0 = (tl.program_id(0) % MB) * BM
     x_ptr += row0 * stride_xm
     y_ptr += row0 * stride_ym
     Mloc = M - row0
@@ -391,22 +464,39 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
     SW: tl.constexpr = 3 * Q * BKB  # words per step per row
     steps = tl.cdiv(NBLK, BKB)
     full = (K // (32 * Q)) // BKB  # steps of whole blocks inside K: their x loads need no mask
-    wmask = mask_n[:, None] & (blk < NBLK)[None, :]
     # weights are read once: evict_first keeps x and the outlier tables in L2
-    n0 = tl.load(w_row, mask=wmask, other=0, eviction_policy="evict_first")
-    n1 = tl.load(w_row + Q, mask=wmask, other=0, eviction_policy="evict_first")
-    n2 = tl.load(w_row + 2 * Q, mask=wmask, other=0, eviction_policy="evict_first")
+    if PREFETCH >= 1:  # step 0's words (PREFETCH = 2: and step 1's) before anything else
+        n0, n1, n2 = _words(w_row, 0, mask_n, blk, NBLK, SW, Q, BKB)
+    if PREFETCH >= 2:
+        p0, p1, p2 = _words(w_row, 1, mask_n, blk, NBLK, SW, Q, BKB)
+    if LEAD > 0:  # cache hints for steps PREFETCH .. LEAD - 1 (the loop hints step t + LEAD from its top)
+        for h in tl.static_range(PREFETCH, LEAD):
+            if h < full:
+                _hint(w_ptr, offs_n, N, stride_w, h, SW, LINES, LEVEL)
+    idx0 = tl.zeros((BN, BR), dtype=tl.int32)
+    val0 = tl.zeros((BN, BR), dtype=tl.float32)
+    if HAS_OUTLIERS and EARLY:
+        idx0, val0 = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR)
     for t in range(0, full):
-        if PREFETCH:  # this step's words were loaded last step; issue the next step's before the math
+        if LEAD > 0:  # ptxas sinks the register prefetch below most of the step's math (register pressure);
+            if t + LEAD < full:  # a cache hint holds no register, so it stays at the top and DRAM starts early
+                _hint(w_ptr, offs_n, N, stride_w, t + LEAD, SW, LINES, LEVEL)
+        if PREFETCH >= 2:  # loaded two steps ago; issue step t + 2's before the math
+            w0, w1, w2 = n0, n1, n2
+            n0, n1, n2 = p0, p1, p2
+            p0, p1, p2 = _words(w_row, t + 2, mask_n, blk, NBLK, SW, Q, BKB)
+        elif PREFETCH == 1:  # this step's words were loaded last step; issue the next step's before the math
             w0, w1, w2 = n0, n1, n2
             n0, n1, n2 = _words(w_row, t + 1, mask_n, blk, NBLK, SW, Q, BKB)
         else:
             w0, w1, w2 = _words(w_row, t, mask_n, blk, NBLK, SW, Q, BKB)
+        if PIN:  # a barrier between the loads and the math: ptxas cannot move the loads below it
+            tl.debug_barrier()
         y0, y1, y2, y3 = _step(t, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, Mloc,
                                s_ptr, z_ptr, offs_n, mask_n, blk, NBLK, stride_s, stride_z,
                                BF16, ASM, BM, True, Q, BKB, PER_CHANNEL, HAS_ZEROS, GB)
     if full < steps:  # the last step holds a partial block (or fewer than BKB blocks): masked x loads
-        if PREFETCH:
+        if PREFETCH >= 1:
             w0, w1, w2 = n0, n1, n2
         else:
             w0, w1, w2 = _words(w_row, full, mask_n, blk, NBLK, SW, Q, BKB)
@@ -418,15 +508,15 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     _finish_row(y0, y_ptr, 0, Mloc, s, offs_n, mask_n, bias, x_ptr, oi_ptr, ov_ptr, R, stride_oi, stride_ov,
-                PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR)
+                idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
     if BM > 1:
         _finish_row(y1, y_ptr + stride_ym, 1, Mloc, s, offs_n, mask_n, bias, x_ptr + stride_xm, oi_ptr, ov_ptr,
-                    R, stride_oi, stride_ov, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR)
+                    R, stride_oi, stride_ov, idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
     if BM > 2:
         _finish_row(y2, y_ptr + 2 * stride_ym, 2, Mloc, s, offs_n, mask_n, bias, x_ptr + 2 * stride_xm, oi_ptr,
-                    ov_ptr, R, stride_oi, stride_ov, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR)
+                    ov_ptr, R, stride_oi, stride_ov, idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
         _finish_row(y3, y_ptr + 3 * stride_ym, 3, Mloc, s, offs_n, mask_n, bias, x_ptr + 3 * stride_xm, oi_ptr,
-                    ov_ptr, R, stride_oi, stride_ov, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR)
+                    ov_ptr, R, stride_oi, stride_ov, idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
 
 
 def _pairs_ready(x):
@@ -440,9 +530,17 @@ def _pairs_ready(x):
     return xp
 
 
-def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=True):
+def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_outliers=None, lead=None, level=2,
+                pin=False):
     """x [M, K] fp16/bf16, prepare_half2's dict p, bias [N] | None, out [M, N] -> out.  Any M (rows of x are
-    split into programs of <= 4); meant for M <= ops.GEMV_MAX_M."""
+    split into programs of <= 4); meant for M <= ops.GEMV_MAX_M.  config None: pick_config's table for this
+    (M, N, K); prefetch (0 / False, 1 / True, 2 steps ahead) overrides the config's depth.  early_outliers: load
+    the first 32 outlier slots of each row before the K loop (None: when they cost <= 16 registers per thread,
+    i.e. BN * 32 <= 512 * warps; (32, 4, 1) would hold 64 more through the loop, 164 -> 245 registers);
+    False is the old epilogue (after the loop), kept for the benchmark's A/B.  lead: cache-hint distance in steps
+    (0: none; None: the config's 6th element, else 0): the loop's top prefetches step t + lead into L2 (level 2) or
+    L1 (level 1) -- a hint only, so results do not depend on it (CUDA only).  pin: a barrier after the register
+    loads of each step, so ptxas cannot sink them below the step's math (benchmark A/B)."""
     if "words" not in p:
         raise QuantEaseError("qgemv_half2 needs prepare_half2's layout (got a dict without 'words')")
     if not half2_supported(p["bits"], p["group_size"]):
@@ -457,15 +555,24 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=True):
     if m == 0:
         return out
     xq = _pairs_ready(x)
-    bn, bkb, warps = config or pick_config(m)
-    bm = 1 if m == 1 else (2 if m == 2 else BM_MAX)
     q = p["q"]
+    bn, bkb, warps, *rest = config or pick_config(m, p["out_features"], k, q)
+    stages = rest[0] if rest else 3
+    depth = int(prefetch) if prefetch is not None else (rest[1] if len(rest) > 1 else 1)
+    if depth not in (0, 1, 2):
+        raise QuantEaseError(f"prefetch depth {prefetch!r} is not 0, 1 or 2")
+    lead = int(lead) if lead is not None else (rest[2] if len(rest) > 2 else 0)
+    if lead < 0 or level not in (1, 2):
+        raise QuantEaseError(f"cache hint lead={lead!r} level={level!r}: lead >= 0 steps, level 1 or 2")
+    bm = 1 if m == 1 else (2 if m == 2 else BM_MAX)
+    if early_outliers is None:
+        early_outliers = bn * 32 <= 512 * warps
     words, zeros, oi, ov = p["words"], p["zeros"], p["outlier_idx"], p["outlier_val"]
     nblk = words.shape[1] // (3 * q)
     has_out = oi is not None
     r = oi.shape[1] if has_out else 0
     br = max(2, min(32, triton.next_power_of_2(max(r, 1))))
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    grid = (triton.cdiv(n, bn) * triton.cdiv(m, bm),)
     qgemv_half2_kernel[grid](
         xq, out, words, p["scales"], zeros if zeros is not None else p["scales"],
         oi if has_out else words, ov if has_out else p["scales"], bias if bias is not None else p["scales"],
@@ -474,7 +581,9 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=True):
         zeros.stride(0) if zeros is not None else 0, oi.stride(0) if has_out else 0, ov.stride(0) if has_out else 0,
         BF16=x.dtype == torch.bfloat16, ZERO=2 ** (p["bits"] - 1), HAS_ZEROS=zeros is not None,
         PER_CHANNEL=p["group_size"] == -1, HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None,
-        ASM=x.is_cuda and asm, PREFETCH=prefetch,
+        ASM=x.is_cuda and asm, PREFETCH=depth, EARLY=early_outliers,
+        LEAD=lead if x.is_cuda and asm else 0, LEVEL=level, PIN=bool(pin),
+        LINES=triton.next_power_of_2(triton.cdiv(3 * q * bkb * 4, 128) + 1),
         Q=q, GB=max(1, p["group_size"] // (32 * q)),  # blocks per group (1 for groups of 32, 64, 128)
-        BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps)
+        BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps, num_stages=stages)
     return out

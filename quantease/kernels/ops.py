@@ -22,9 +22,10 @@ up to SWAP_MAX_M rows; above that (CUDA only) dequantize to a dense weight for t
 outliers are fused in the GEMV and the swap GEMM's epilogue (small tiles), else a second launch
 (kernels/outliers.py).  kernels/gemm.py (the v3 fused GEMM) stays as the dequant kernel's home and a reference
 point in the benchmarks.
-GEMV variant: QUANTEASE_GEMV=half2 sends those GEMV rows to kernels/gemv_half2.py (two weights per logic op)
-where it applies (3-bit, per channel or groups of a multiple of 32, fp16/bf16 x), else they stay on gemv.py;
-unset or "v1" is the default until v2 is measured faster on the GPU (benchmarks/kernels.py --variant).
+GEMV variant: the GEMV rows go to kernels/gemv_half2.py (two weights per logic op; 1.08-1.67x faster than v1 at
+M = 1 on the H100 sweep, results/kernels_gemv.md) where it applies (3-bit, per channel or groups of a multiple of
+32, fp16/bf16 x; reads p["words"], built by prepare_weights on CUDA), else to gemv.py; QUANTEASE_GEMV=v1 forces
+gemv.py (and prepare_weights then builds no words).
 """
 import os
 from typing import Optional
@@ -41,7 +42,7 @@ GEMV_MAX_M = 2  # rows of x up to which the CUDA-core GEMV beats the tensor-core
 # rows up to which the swap-AB GEMM (kernels/gemm_swap.py) beats dequantize + cuBLAS: H100, benchmarks/kernels_swap.py
 # (faster than the old fused GEMM at M = 4..128 on 17 of 18 shape/M points; at M = 256 dequant + cuBLAS wins)
 SWAP_MAX_M = 128
-TENSORS = ("plane0", "plane1", "scales", "zeros", "outlier_idx", "outlier_val")
+TENSORS = ("plane0", "plane1", "scales", "zeros", "outlier_idx", "outlier_val", "words")
 
 
 def pick_backend(x, backend=None):
@@ -98,25 +99,25 @@ def _check_x(x, p, bias):
         raise QuantEaseError(f"bias shape {tuple(bias.shape)} != ({p['out_features']},)")
 
 
-def _as_dict(plane0, plane1, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+def _as_dict(plane0, plane1, scales, zeros, outlier_idx, outlier_val, words, bits, group_size, in_features):
     return dict(plane0=plane0, plane1=plane1, scales=scales, zeros=zeros, outlier_idx=outlier_idx,
-                outlier_val=outlier_val, bits=bits, group_size=group_size, in_features=in_features,
+                outlier_val=outlier_val, words=words, bits=bits, group_size=group_size, in_features=in_features,
                 out_features=plane0.shape[0])
 
 
 @torch.library.custom_op("quantease::qlinear", mutates_args=())
 def qlinear_op(x: torch.Tensor, plane0: torch.Tensor, plane1: Optional[torch.Tensor], scales: torch.Tensor,
                zeros: Optional[torch.Tensor], outlier_idx: Optional[torch.Tensor],
-               outlier_val: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               outlier_val: Optional[torch.Tensor], words: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                bits: int, group_size: int, in_features: int) -> torch.Tensor:
-    p = _as_dict(plane0, plane1, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+    p = _as_dict(plane0, plane1, scales, zeros, outlier_idx, outlier_val, words, bits, group_size, in_features)
     shape = x.shape
     y = _forward(x.reshape(-1, shape[-1]), p, bias, pick_backend(x))
     return y.reshape(*shape[:-1], p["out_features"])
 
 
 @qlinear_op.register_fake
-def _(x, plane0, plane1, scales, zeros, outlier_idx, outlier_val, bias, bits, group_size, in_features):
+def _(x, plane0, plane1, scales, zeros, outlier_idx, outlier_val, words, bias, bits, group_size, in_features):
     return x.new_empty(*x.shape[:-1], plane0.shape[0])
 
 
@@ -128,7 +129,7 @@ def qlinear_prepared(x, prepared, bias=None, backend=None, out=None):
     p = prepared
     _check_x(x, p, bias)
     if backend in (None, "auto") and out is None:
-        return torch.ops.quantease.qlinear(x, *(p[t] for t in TENSORS), bias,
+        return torch.ops.quantease.qlinear(x, *(p.get(t) for t in TENSORS), bias,
                                           p["bits"], p["group_size"], p["in_features"])
     shape = x.shape
     y = _forward(x.reshape(-1, shape[-1]), p, bias, pick_backend(x, backend), out)
@@ -153,7 +154,7 @@ def _dense_weight(p):
     step on SmolLM2-135M. QUANTEASE_CPU_CACHE=0 keeps only the packed weight and dequantizes on every call."""
     if os.environ.get(CPU_CACHE_ENV, "1") == "0":
         return dequantize_prepared(p)
-    return _cached(p["plane0"], "_quantease_dense", [p[t] for t in TENSORS], lambda: dequantize_prepared(p))
+    return _cached(p["plane0"], "_quantease_dense", [p.get(t) for t in TENSORS], lambda: dequantize_prepared(p))
 
 
 def _cached_prepare(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):

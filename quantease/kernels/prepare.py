@@ -75,7 +75,10 @@ def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, grou
     """Checkpoint tensors -> dict the kernels read (qlinear_prepared).  Call once at load time.
 
     Keys: plane0, plane1 (None unless 3-bit), scales, zeros (None if symmetric), outlier_idx, outlier_val
-    (None if no outliers or R == 0), bits, group_size, in_features, out_features."""
+    (None if no outliers or R == 0), words (the half2 GEMV's layout: CUDA weights when that GEMV is selected and
+    applies, else None), bits, group_size, in_features, out_features.  The words are built here, at load time,
+    so that runtimes keep them beside the planes (vLLM's memory profiling sees them; nothing is built during
+    CUDA-graph capture); they cost 3 more bits per weight while the M >= 3 kernels still read the planes."""
     _check(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
     n = qweight.shape[0]
     kb = (in_features + BLOCK - 1) // BLOCK * BLOCK
@@ -84,13 +87,19 @@ def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, grou
     plane0, plane1 = _pack_block_planes(codes, bits)
     if outlier_idx is not None and outlier_idx.shape[1] == 0:
         outlier_idx = outlier_val = None
-    return dict(
+    p = dict(
         plane0=plane0, plane1=plane1,
         scales=scales.contiguous(),
         zeros=None if zeros is None else zeros.contiguous(),
         outlier_idx=None if outlier_idx is None else outlier_idx.contiguous(),
         outlier_val=None if outlier_val is None else outlier_val.contiguous(),
         bits=bits, group_size=group_size, in_features=in_features, out_features=n)
+    if plane0.is_cuda:
+        from quantease.kernels import gemv_half2  # imports triton: CUDA machines only
+
+        if gemv_half2.selected() == "half2":
+            gemv_half2.add_layout(p)
+    return p
 
 
 def codes_from_planes(plane0, plane1, bits, k):

@@ -33,7 +33,7 @@ from quantease.format import layout
 from quantease.kernels import prepare_weights, qlinear_prepared
 
 NAME = ckpt.QUANT_METHOD
-PREPARED = ("plane0", "plane1", "scales", "zeros", "outlier_idx", "outlier_val")
+PREPARED = ("plane0", "plane1", "scales", "zeros", "outlier_idx", "outlier_val", "words")
 
 
 def _matches(prefix, module):
@@ -179,7 +179,7 @@ class QuantEaseLinearMethod(LinearMethodBase):
         # from here on plain Parameters in the kernels' layout (loading is over; shapes may change)
         del layer.qweight
         for name in PREPARED:
-            t = p[name]
+            t = p.get(name)
             layer.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
         layer.qe_out_features = p["out_features"]
 
