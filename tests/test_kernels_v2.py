@@ -64,9 +64,10 @@ def test_prefetch_two_steps_ahead(k, m):
 
 @needs_triton
 @pytest.mark.parametrize("k,m,group_size,config,kw", (
-    (1000, 1, -1, (8, 2, 1, 3, 1, 2), {"pin": True}),  # hint 2 steps ahead (config) + pinned loads, masked tail
+    (1000, 1, -1, (8, 2, 1, 3, 1, 2, True), {}),  # hint 2 steps ahead + pinned loads (config), masked tail
     (1000, 2, 128, (8, 2, 2, 3, 2), {"lead": 3, "level": 1, "pin": True}),  # depth 2, L1 hints, groups
-    (300, 1, -1, (8, 1, 1), {"lead": 1}),  # 2 whole steps: the hint for step 2 is never issued
+    (300, 1, -1, (8, 1, 1), {"lead": 1, "cg": True, "xhint": True}),  # 2 whole steps: no hint for step 2
+    (1000, 3, 64, (8, 2, 1, 3, 1, 0, True, False, True), {}),  # pin + x hints (config) for BM = 4 rows, Q = 2
 ))
 def test_cache_hints_and_pinned_loads(k, m, group_size, config, kw):
     # on the CPU interpreter the hints are off (CUDA only: results never depend on them) and the barrier is a no-op

@@ -38,9 +38,13 @@ import triton.language as tl
 from quantease.errors import QuantEaseError
 from quantease.kernels.prepare import half2_from_prepared, half2_supported, half2_words_per_role
 
-# Configs: (BN, blocks of 32 Q columns per K step, num_warps[, num_stages[, prefetch depth]]); stages default 3
-# (triton's default: no effect here, the loads are register-prefetched), prefetch depth 1 (the next step's words
-# are loaded before this step's math).  Chosen ahead per shape from the H100 sweep (benchmarks/gemv_sweep.py,
+# Configs: (BN, blocks of 32 Q columns per K step, num_warps[, stages[, prefetch depth[, lead[, pin[, cg[, xhint]]]]]]);
+# stages default 3 (triton's default: no effect here, the loads are register-prefetched), prefetch depth 1 (the
+# next step's words are loaded before this step's math -- in the source: ptxas sinks them to ~70% of the step's
+# SASS unless pin), lead 0 (no cache hints; else L2 prefetch of step t + lead at the loop's top), pin False (a
+# barrier after each step's register loads keeps them at the top: 158 -> 252 registers at (8, 16, 1)), cg False
+# (weights through L1), xhint False (no L1 prefetch of the next step's x); see qgemv_half2.
+# Chosen ahead per shape from the H100 sweep (benchmarks/gemv_sweep.py,
 # benchmarks/results/kernels_gemv.md); no autotuning at call time (CUDA-graph capture, torch.compile).
 #   M = 1: 1-warp programs of 8 rows x 16 blocks (2048 columns per step for Q = 4) were best or within 4% on 8 of
 #   the 9 shapes; long N (>= 16384, 28672 x 4096 / 8192) wants narrower steps (32, 4, 1): 40.5 vs 42.1 us; a K
@@ -331,13 +335,30 @@ def _flush(yacc, acc, s_e, z_e, xs, BF16: tl.constexpr, GROUPED: tl.constexpr, X
 
 
 @triton.jit
-def _words(w_row, t, mask_n, blk, NBLK, SW: tl.constexpr, Q: tl.constexpr, BKB: tl.constexpr):
-    """Step t's three [BN, Q * BKB] word tiles (roles 0, 1, 2); blocks past the row's end read as 0."""
+def _words(w_row, t, mask_n, blk, NBLK, SW: tl.constexpr, Q: tl.constexpr, BKB: tl.constexpr, CG: tl.constexpr):
+    """Step t's three [BN, Q * BKB] word tiles (roles 0, 1, 2); blocks past the row's end read as 0.  CG: the
+    words skip L1 (ld.global.cg), so the streamed weights cannot evict x from it."""
     m = mask_n[:, None] & (t * BKB + blk < NBLK)[None, :]
     row = w_row + t * SW
-    return (tl.load(row, mask=m, other=0, eviction_policy="evict_first"),
-            tl.load(row + Q, mask=m, other=0, eviction_policy="evict_first"),
-            tl.load(row + 2 * Q, mask=m, other=0, eviction_policy="evict_first"))
+    if CG:
+        return (tl.load(row, mask=m, other=0, cache_modifier=".cg"),
+                tl.load(row + Q, mask=m, other=0, cache_modifier=".cg"),
+                tl.load(row + 2 * Q, mask=m, other=0, cache_modifier=".cg"))
+    else:
+        return (tl.load(row, mask=m, other=0, eviction_policy="evict_first"),
+                tl.load(row + Q, mask=m, other=0, eviction_policy="evict_first"),
+                tl.load(row + 2 * Q, mask=m, other=0, eviction_policy="evict_first"))
+
+
+@triton.jit
+def _xhint(xw, t, KH, stride_xw, Mloc, PW: tl.constexpr, XL: tl.constexpr, BM: tl.constexpr):
+    """L1 prefetch of step t's x pairs (PW pairs per row from pair t * PW; XL lines of 32 pairs, clamped to K) for
+    the BM rows: the step's x loads then hit L1 instead of waiting behind the weights' DRAM traffic for L2."""
+    off = tl.minimum(t * PW + tl.arange(0, XL) * 32, KH - 1)
+    for r in tl.static_range(BM):
+        addr = (xw + tl.minimum(Mloc - 1, r) * stride_xw + off).to(tl.int64, bitcast=True)
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.b32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -430,7 +451,8 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, PER_CHANNEL: tl.constexpr,
                        HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                        PREFETCH: tl.constexpr, EARLY: tl.constexpr, LEAD: tl.constexpr, LEVEL: tl.constexpr,
-                       LINES: tl.constexpr, PIN: tl.constexpr,
+                       LINES: tl.constexpr, PIN: tl.constexpr, CG: tl.constexpr, XHINT: tl.constexpr,
+                       XL: tl.constexpr,
                        Q: tl.constexpr, GB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr,
                        BR: tl.constexpr):
     BKW: tl.constexpr = Q * BKB  # words per role per step per row
@@ -466,30 +488,34 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
     full = (K // (32 * Q)) // BKB  # steps of whole blocks inside K: their x loads need no mask
     # weights are read once: evict_first keeps x and the outlier tables in L2
     if PREFETCH >= 1:  # step 0's words (PREFETCH = 2: and step 1's) before anything else
-        n0, n1, n2 = _words(w_row, 0, mask_n, blk, NBLK, SW, Q, BKB)
+        n0, n1, n2 = _words(w_row, 0, mask_n, blk, NBLK, SW, Q, BKB, CG)
     if PREFETCH >= 2:
-        p0, p1, p2 = _words(w_row, 1, mask_n, blk, NBLK, SW, Q, BKB)
+        p0, p1, p2 = _words(w_row, 1, mask_n, blk, NBLK, SW, Q, BKB, CG)
     if LEAD > 0:  # cache hints for steps PREFETCH .. LEAD - 1 (the loop hints step t + LEAD from its top)
         for h in tl.static_range(PREFETCH, LEAD):
             if h < full:
                 _hint(w_ptr, offs_n, N, stride_w, h, SW, LINES, LEVEL)
     idx0 = tl.zeros((BN, BR), dtype=tl.int32)
     val0 = tl.zeros((BN, BR), dtype=tl.float32)
+    if XHINT:
+        _xhint(xw, 0, KH, stride_xw, Mloc, 16 * Q * BKB, XL, BM)
     if HAS_OUTLIERS and EARLY:
         idx0, val0 = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR)
     for t in range(0, full):
         if LEAD > 0:  # ptxas sinks the register prefetch below most of the step's math (register pressure);
             if t + LEAD < full:  # a cache hint holds no register, so it stays at the top and DRAM starts early
                 _hint(w_ptr, offs_n, N, stride_w, t + LEAD, SW, LINES, LEVEL)
+        if XHINT:  # the next step's x into L1 (the last step's hint is clamped to K: harmless)
+            _xhint(xw, t + 1, KH, stride_xw, Mloc, 16 * Q * BKB, XL, BM)
         if PREFETCH >= 2:  # loaded two steps ago; issue step t + 2's before the math
             w0, w1, w2 = n0, n1, n2
             n0, n1, n2 = p0, p1, p2
-            p0, p1, p2 = _words(w_row, t + 2, mask_n, blk, NBLK, SW, Q, BKB)
+            p0, p1, p2 = _words(w_row, t + 2, mask_n, blk, NBLK, SW, Q, BKB, CG)
         elif PREFETCH == 1:  # this step's words were loaded last step; issue the next step's before the math
             w0, w1, w2 = n0, n1, n2
-            n0, n1, n2 = _words(w_row, t + 1, mask_n, blk, NBLK, SW, Q, BKB)
+            n0, n1, n2 = _words(w_row, t + 1, mask_n, blk, NBLK, SW, Q, BKB, CG)
         else:
-            w0, w1, w2 = _words(w_row, t, mask_n, blk, NBLK, SW, Q, BKB)
+            w0, w1, w2 = _words(w_row, t, mask_n, blk, NBLK, SW, Q, BKB, CG)
         if PIN:  # a barrier between the loads and the math: ptxas cannot move the loads below it
             tl.debug_barrier()
         y0, y1, y2, y3 = _step(t, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, Mloc,
@@ -499,7 +525,7 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
         if PREFETCH >= 1:
             w0, w1, w2 = n0, n1, n2
         else:
-            w0, w1, w2 = _words(w_row, full, mask_n, blk, NBLK, SW, Q, BKB)
+            w0, w1, w2 = _words(w_row, full, mask_n, blk, NBLK, SW, Q, BKB, CG)
         y0, y1, y2, y3 = _step(full, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, Mloc,
                                s_ptr, z_ptr, offs_n, mask_n, blk, NBLK, stride_s, stride_z,
                                BF16, ASM, BM, False, Q, BKB, PER_CHANNEL, HAS_ZEROS, GB)
@@ -531,7 +557,7 @@ def _pairs_ready(x):
 
 
 def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_outliers=None, lead=None, level=2,
-                pin=False):
+                pin=None, cg=None, xhint=None):
     """x [M, K] fp16/bf16, prepare_half2's dict p, bias [N] | None, out [M, N] -> out.  Any M (rows of x are
     split into programs of <= 4); meant for M <= ops.GEMV_MAX_M.  config None: pick_config's table for this
     (M, N, K); prefetch (0 / False, 1 / True, 2 steps ahead) overrides the config's depth.  early_outliers: load
@@ -540,7 +566,9 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     False is the old epilogue (after the loop), kept for the benchmark's A/B.  lead: cache-hint distance in steps
     (0: none; None: the config's 6th element, else 0): the loop's top prefetches step t + lead into L2 (level 2) or
     L1 (level 1) -- a hint only, so results do not depend on it (CUDA only).  pin: a barrier after the register
-    loads of each step, so ptxas cannot sink them below the step's math (benchmark A/B)."""
+    loads of each step, so ptxas cannot sink them below the step's math (None: the config's 7th element, else
+    off).  cg: the weight loads skip L1 (.cg); xhint: L1 prefetch of the next step's x at the loop's top (CUDA
+    only); None: the config's 8th / 9th element, else off."""
     if "words" not in p:
         raise QuantEaseError("qgemv_half2 needs prepare_half2's layout (got a dict without 'words')")
     if not half2_supported(p["bits"], p["group_size"]):
@@ -562,6 +590,9 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     if depth not in (0, 1, 2):
         raise QuantEaseError(f"prefetch depth {prefetch!r} is not 0, 1 or 2")
     lead = int(lead) if lead is not None else (rest[2] if len(rest) > 2 else 0)
+    pin = bool(pin) if pin is not None else (bool(rest[3]) if len(rest) > 3 else False)
+    cg = bool(cg) if cg is not None else (bool(rest[4]) if len(rest) > 4 else False)
+    xhint = bool(xhint) if xhint is not None else (bool(rest[5]) if len(rest) > 5 else False)
     if lead < 0 or level not in (1, 2):
         raise QuantEaseError(f"cache hint lead={lead!r} level={level!r}: lead >= 0 steps, level 1 or 2")
     bm = 1 if m == 1 else (2 if m == 2 else BM_MAX)
@@ -582,7 +613,8 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
         BF16=x.dtype == torch.bfloat16, ZERO=2 ** (p["bits"] - 1), HAS_ZEROS=zeros is not None,
         PER_CHANNEL=p["group_size"] == -1, HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None,
         ASM=x.is_cuda and asm, PREFETCH=depth, EARLY=early_outliers,
-        LEAD=lead if x.is_cuda and asm else 0, LEVEL=level, PIN=bool(pin),
+        LEAD=lead if x.is_cuda and asm else 0, LEVEL=level, PIN=pin,
+        CG=cg, XHINT=xhint and x.is_cuda and asm, XL=triton.next_power_of_2(max(1, 16 * q * bkb // 32)),
         LINES=triton.next_power_of_2(triton.cdiv(3 * q * bkb * 4, 128) + 1),
         Q=q, GB=max(1, p["group_size"] // (32 * q)),  # blocks per group (1 for groups of 32, 64, 128)
         BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps, num_stages=stages)
