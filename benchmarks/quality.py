@@ -50,10 +50,11 @@ CONFIGS = {
     "quantease-4": dict(method="quantease", bits=4, outliers=0.0),
     "gptq-3-g128": dict(method="gptq", bits=3, group_size=128),
     "quantease-3-g128": dict(method="quantease", bits=3, group_size=128, outliers=0.0),
-    # target "fp": each layer matches the full-precision model's output (pipeline.py --target fp)
-    "quantease-3-fpt": dict(method="quantease", bits=3, outliers=0.0, target="fp"),
-    "quantease-3+1%-fpt": dict(method="quantease", bits=3, outliers=0.01, target="fp"),
-    "quantease-3+0.5%-fpt": dict(method="quantease", bits=3, outliers=0.005, target="fp"),
+    # target (pipeline.py --target): "fp" = each layer matches the full-precision model's output (quantease's
+    # default since 2026-11-24 11:20), "q" = its own quantized inputs (gptq's default); explicit rows for the comparison
+    "quantease-3-q": dict(method="quantease", bits=3, outliers=0.0, target="q"),
+    "quantease-3+1%-q": dict(method="quantease", bits=3, outliers=0.01, target="q"),
+    "gptq-3-fpt": dict(method="gptq", bits=3, target="fp"),
 }
 # the files whose change can change a row's numbers (the kernels and the server do not: the eval is dense)
 CODE_PATHS = ("quantease/quantize", "quantease/format", "quantease/eval.py")
@@ -211,7 +212,7 @@ def targets(rows):
     lines = []
     for code in codes_in_order(rows):
         fp, g = fp16_of(rows, code), newest(rows, "gptq-3", code)
-        for sfx in ("", "-fpt"):
+        for sfx in ("", "-q"):
             q, q1 = newest(rows, f"quantease-3{sfx}", code), newest(rows, f"quantease-3+1%{sfx}", code)
             if (q or q1) and (fp is None or g is None):
                 lines.append(f"- code {code}: quantease-3{sfx} rows but no {'fp16' if fp is None else 'gptq-3'} "
@@ -278,8 +279,8 @@ def write_md(rows, args, path):
         + (f" ({first['windows']})" if "windows" in first else "")
         + "; quantized checkpoints are dequantized to dense weights for the forward.  ",
         "Per-channel (g=-1) asymmetric grids unless g128; outliers: fraction of weights kept in fp16 (ELL slots); "
-        "target q: each layer minimises ||W X_q - Ŵ X_q|| on the quantized model's inputs, fp (the -fpt configs): "
-        "||W X_fp - Ŵ X_q||.  ",
+        "target q: each layer minimises ||W X_q - Ŵ X_q|| on the quantized model's inputs, fp: ||W X_fp - Ŵ X_q|| "
+        "(quantease's default from 2026-11-24 11:20; the -q configs force q, gptq-3-fpt forces fp).  ",
         "time = whole `quantize_model` run (model load, calibration forwards, quantization, checkpoint write); "
         "quant s = sum over layers of quantize_weight time; wall s = the config's whole turn (quantize_model, "
         "loading and evaluating the checkpoint)"

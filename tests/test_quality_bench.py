@@ -74,10 +74,11 @@ def test_a_config_is_done_only_for_the_code_that_ran_it():
 def test_estimate_from_earlier_rows(monkeypatch):
     monkeypatch.setattr(quality, "machine_now", lambda: MACHINE)
     rows = [row("rtn-3", 600.0, "a", "d", wall=46), row("quantease-3", 60.0, "a", "d", wall=80),
-            row("quantease-3+1%", 40.0, "a", "d", wall=85)]
+            row("quantease-3+1%", 40.0, "a", "d", wall=85), row("gptq-3", 58.0, "a", "d", wall=70)]
     assert quality.estimate(rows, "quantease-3", 0) == 80           # the same config
     assert quality.estimate(rows, "quantease-4", 0) == 85           # the slowest of its method
-    assert quality.estimate(rows, "quantease-3-fpt", 0) == pytest.approx(85 * 1.3)  # target fp: second stream
-    assert quality.estimate(rows, "gptq-3", 12) == 12               # nothing alike: the session's slowest
+    assert quality.estimate(rows, "gptq-3-fpt", 0) == pytest.approx(70 * 1.3)  # target fp: second stream
+    assert quality.estimate(rows, "rtn-4", 12) == 46                # the slowest of its method
+    assert quality.estimate(rows[1:], "rtn-4", 12) == 12            # nothing alike: the session's slowest
     other = [dict(r, machine="CPU") for r in rows]
     assert quality.estimate(other, "quantease-3", 7) == 7           # another machine's times do not count

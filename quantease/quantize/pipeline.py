@@ -10,11 +10,19 @@
    Default: all linears of a block quantized from one pass (Σ from the fp block inputs through the
    not-yet-quantized block).  --true-sequential: groups in dependency order (q/k/v, o, gate/up,
    down) with Σ recomputed after each group, so later layers see already-quantized earlier ones.
+   --target fp (asymmetric objective, as in GPTAQ): a second activation stream, the block inputs of the
+   full-precision model, runs through an unquantized copy of each block; each linear minimises
+   ||W X_fp - Ŵ X_q||² (X_fp: its inputs in the fp model, X_q: in the quantized one, same tokens), so it
+   compensates the error of the layers quantized before it instead of copying W.  That objective is
+   ||(W_eff - Ŵ) X_q||² + const with W_eff = W + W (Σ_fq - Σ_q) Σ_q⁻¹ (Σ_fq = X_fp X_qᵀ; Σ_q damped like
+   GPTQ's), so quantize_weight(W_eff, Σ_q) solves it unchanged; --target-alpha α applies α of that correction
+   (GPTAQ's α, default 0.25).  --target q: ||W X_q - Ŵ X_q||² (GPTQ).  Default: fp for quantease, q for gptq/rtn.
 4. quantease.format.checkpoint.write_checkpoint (atomic), with the per-layer table in the report.
 
 Resume: after each block the results so far and the next block's inputs are saved atomically into
 DIR.partial/; a rerun with the same settings continues from there and writes the same checkpoint.
 """
+import copy
 import json
 import os
 import shutil
@@ -26,10 +34,19 @@ from pathlib import Path
 import torch
 
 from quantease.errors import QuantEaseError
-from quantease.quantize import calib, discover
+from quantease.quantize import DEFAULTS, calib, discover
 from quantease.quantize.result import QuantizedWeight
 
 METHODS = ("quantease", "gptq", "rtn")
+TARGETS = ("fp", "q")
+# --target default per method: fp for quantease (SmolLM2 3-bit, 16 x 512 calibration, 8 WikiText-2 windows:
+# excess ppl over fp16 25.5 vs 32.7 with q); gptq/rtn stay the standard algorithms (the baselines)
+DEFAULT_TARGET = {"quantease": "fp", "gptq": "q", "rtn": "q"}
+# --target fp: fraction of the correction W (Σ_fq - Σ_q) Σ_q⁻¹ applied (GPTAQ's α; its default 0.25).  The full
+# correction (1.0) fitted on 16 x 512 calibration tokens blew SmolLM2 3-bit GPTQ up to ppl 4489 (vs 54 with
+# target q): it overfits the calibration tokens, widens W's range for the grid, and each block's larger
+# error makes the next correction larger still.
+TARGET_ALPHA = 0.25
 INTERRUPT_ENV = "QUANTEASE_INTERRUPT_AFTER_BLOCK"  # tests: simulate a crash after this block is saved
 STATE_VERSION = 1
 
@@ -55,6 +72,14 @@ def add_arguments(p):
     p.add_argument("--damp", type=float, default=0.01, help="relative diagonal damping of Σ")
     p.add_argument("--true-sequential", action="store_true",
                    help="recompute Σ after each group of linears (q/k/v, o, gate/up, down)")
+    p.add_argument("--target", default=None, metavar="{fp,q}",  # checked in check_options: one-line error
+                   help="what each layer's output should match: fp = the full-precision model's "
+                        "(min ||W X_fp - Ŵ X_q||², corrects the error of earlier layers; GPTAQ), q = W applied "
+                        "to the quantized model's own inputs (min ||W X_q - Ŵ X_q||², GPTQ); "
+                        f"default per method: {DEFAULT_TARGET}")
+    p.add_argument("--target-alpha", type=float, default=TARGET_ALPHA, metavar="A",
+                   help="--target fp: fraction of the fp-output correction applied, in (0, 1] (1: the exact "
+                        f"minimiser on the calibration tokens; default {TARGET_ALPHA}, as GPTAQ)")
     p.add_argument("--calib", required=True,
                    help="calibration text: a .txt file, a .jsonl file with a \"text\" field, 'self' "
                         "(data-free: text the model samples itself), or a dataset name (needs `datasets` and the Hub)")
@@ -68,7 +93,8 @@ def add_arguments(p):
 def run(args):
     quantize_model(args.model, args.out, method=args.method, bits=args.bits, group_size=args.group_size,
                    sym=args.sym, outliers=args.outliers, structured_outliers=args.structured_outliers,
-                   sweeps=args.sweeps, damp=args.damp, true_sequential=args.true_sequential, calib_spec=args.calib,
+                   sweeps=args.sweeps, damp=args.damp, true_sequential=args.true_sequential, target=args.target,
+                   target_alpha=args.target_alpha, calib_spec=args.calib,
                    nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
                    overwrite=args.overwrite)
     return 0
@@ -190,12 +216,17 @@ def first_line(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def check_options(method, bits, group_size, outliers, structured_outliers, sweeps, nsamples, seqlen):
+def check_options(method, bits, group_size, outliers, structured_outliers, sweeps, nsamples, seqlen, target="q",
+                  target_alpha=TARGET_ALPHA):
     from quantease.quantize import grid
 
     grid.check_bits(bits)
     if method not in METHODS:
         raise QuantEaseError(f"--method {method}: choose one of {METHODS}")
+    if target not in TARGETS:
+        raise QuantEaseError(f"--target {target}: choose one of {TARGETS}")
+    if not (isinstance(target_alpha, (int, float)) and 0 < target_alpha <= 1):
+        raise QuantEaseError(f"--target-alpha {target_alpha}: must be in (0, 1]")
     if not (group_size == -1 or group_size > 0):
         raise QuantEaseError(f"--group-size {group_size}: use -1 (per channel) or a positive number")
     if not 0 <= outliers < 0.5:
@@ -333,33 +364,116 @@ def accumulate_sigmas(block, groups, inputs, call, device):
     return sigmas
 
 
-def quantize_linear(module, sigma, opts):
+def accumulate_sigmas_fp(block, fp_block, groups, inputs, fp_inputs, call, device):
+    """Target fp: {first linear name of each group: (Σ_q, Σ_fq, Σ_fp)} float32 [K, K], with
+    Σ_q = Σ x_qᵀx_q, Σ_fq = Σ x_fpᵀx_q, Σ_fp = Σ x_fpᵀx_fp; x_fp: the group's input in fp_block (the unquantized
+    block) run on the fp stream, x_q: in `block` on the q stream, token by token the same sample."""
+    sigmas, caught, hooks = {}, {}, []
+
+    def catch(name):
+        def hook(module, args):
+            x = args[0].detach()
+            caught.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).to(torch.float32))
+        return hook
+
+    def add(name):
+        def hook(module, args):
+            xq = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            xf = caught[name].pop(0)
+            if name not in sigmas:
+                sigmas[name] = tuple(torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
+                                     for _ in range(3))
+            sq, sfq, sfp = sigmas[name]
+            sq.addmm_(xq.t(), xq)
+            sfq.addmm_(xf.t(), xq)
+            sfp.addmm_(xf.t(), xf)
+        return hook
+
+    for group in groups:
+        hooks.append(fp_block.get_submodule(group[0]).register_forward_pre_hook(catch(group[0])))
+        hooks.append(block.get_submodule(group[0]).register_forward_pre_hook(add(group[0])))
+    try:
+        with torch.no_grad():
+            for hs_q, hs_fp in zip(inputs, fp_inputs):
+                run_block(fp_block, hs_fp, call, device)
+                run_block(block, hs_q, call, device)
+                caught.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sigmas
+
+
+def fp_target_weight(w, sigma_q, sigma_fq, damp, alpha=1.0):
+    """W_eff = W + α W (Σ_fq - Σ_q) (Σ_q + λI)⁻¹, λ = damp · mean diag Σ_q (GPTQ's damping): with α = 1 the
+    minimiser of ||W X_fp - Ŵ X_q||² over Ŵ (exact when λ = 0); α < 1 shrinks the correction toward W (GPTAQ's
+    α).  W itself when Σ_fq = Σ_q (no error before this layer)."""
+    delta = (sigma_fq - sigma_q).to(torch.float64)
+    if not bool(delta.any()):
+        return w
+    s = sigma_q.to(torch.float64)
+    mean = float(torch.diagonal(s).mean())
+    lam = max(damp, 1e-6) * mean if mean > 0 else 1e-12
+    s = s + lam * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    chol, bad = torch.linalg.cholesky_ex(s)
+    if int(bad):
+        raise QuantEaseError("the damped Σ of a layer's inputs is not positive definite; raise --damp")
+    wd = w.to(torch.float64) @ delta  # [N, K]
+    corr = torch.cholesky_solve(wd.t(), chol).t()  # W Δ Σ⁻¹ (Σ symmetric)
+    return (w.to(torch.float64) + alpha * corr).to(torch.float32)
+
+
+def fp_target_error(w, deq, sigma_q, sigma_fq, sigma_fp):
+    """||W X_fp - Ŵ X_q||² / ||W X_fp||² from the three Σ (float64 trace terms)."""
+    w, deq = w.to(torch.float64), deq.to(torch.float64)
+    sq, sfq, sfp = (s.to(torch.float64) for s in (sigma_q, sigma_fq, sigma_fp))
+    base = float(((w @ sfp) * w).sum())
+    f = float(((deq @ sq) * deq).sum()) - 2 * float(((w @ sfq) * deq).sum()) + base
+    return f / base if base > 0 else float("nan") if f > 0 else 0.0
+
+
+def quantize_linear(module, sigma, opts, fp_sigmas=None):
+    """fp_sigmas (target fp): (Σ_fq, Σ_fp); sigma is Σ_q; opts then also hold target_alpha.  Row rel_error: the
+    objective's relative error, ||W X_q - Ŵ X_q||² / ||W X_q||² (target q) or ||W X_fp - Ŵ X_q||² / ||W X_fp||²
+    (target fp, the full objective whatever α)."""
     from quantease.quantize import layer_error, quantize_weight
 
+    opts = dict(opts)
+    alpha = opts.pop("target_alpha", None)
     w = discover.get_weight(module).to(torch.float32)
     t0 = time.time()
-    qw = quantize_weight(w, sigma, **opts)
+    w_target = w if fp_sigmas is None else fp_target_weight(w, sigma, fp_sigmas[0], opts["damp"], alpha)
+    qw = quantize_weight(w_target, sigma, **opts)
     seconds = time.time() - t0
     # grid.fit already fits fp16-representable scales, so `deq` (written back, and what the next blocks'
     # calibration inputs flow through) and the reported error are exactly the stored model's
     deq = qw.dequantize()
-    _, rel = layer_error(w, deq, sigma)
+    if fp_sigmas is None:
+        _, rel = layer_error(w, deq, sigma)
+    else:
+        rel = fp_target_error(w, deq, sigma, *fp_sigmas)
     discover.set_weight(module, deq)
     return qw_to(qw, "cpu"), dict(rel_error=rel, seconds=seconds)
 
 
-def quantize_block(block, prefix, inputs, call, device, opts, true_sequential, pbar=None):
-    """Quantize every linear of one block in place; {full name: QuantizedWeight}, {full name: row}."""
+def quantize_block(block, prefix, inputs, call, device, opts, true_sequential, pbar=None, fp_block=None,
+                   fp_inputs=None):
+    """Quantize every linear of one block in place; {full name: QuantizedWeight}, {full name: row}.
+    fp_block, fp_inputs (target fp): an unquantized copy of the block and the fp stream's inputs."""
     groups = discover.linear_groups(block, lambda: run_block(block, inputs[0], call, device))
     passes = [[g] for g in groups] if true_sequential else [groups]
     results, rows = {}, {}
     for pass_groups in passes:
-        sigmas = accumulate_sigmas(block, pass_groups, inputs, call, device)
+        if fp_block is None:
+            sigmas = {k: (v, None) for k, v in accumulate_sigmas(block, pass_groups, inputs, call, device).items()}
+        else:
+            sigmas = {k: (v[0], v[1:]) for k, v in
+                      accumulate_sigmas_fp(block, fp_block, pass_groups, inputs, fp_inputs, call, device).items()}
         for group in pass_groups:
-            sigma = sigmas[group[0]]
+            sigma, fp_sigmas = sigmas[group[0]]
             for name in group:
                 module = block.get_submodule(name)
-                qw, row = quantize_linear(module, sigma, opts)
+                qw, row = quantize_linear(module, sigma, opts, fp_sigmas)
                 full = f"{prefix}.{name}"
                 results[full] = qw
                 rows[full] = dict(shape=list(qw.shape), outliers=qw.num_outliers,
@@ -418,14 +532,17 @@ def load_state(pdir, fingerprint):
     return state["next_block"], torch.load(pdir / "calib.pt")
 
 
-def save_block(pdir, fingerprint, i, results, rows, next_inputs):
-    """Commit block i: its results, the inputs of block i+1, then state.json (the commit point)."""
+def save_block(pdir, fingerprint, i, results, rows, next_inputs, next_fp_inputs=None):
+    """Commit block i: its results, the inputs of block i+1 (both streams with target fp), then state.json
+    (the commit point)."""
     atomic_save({"layers": {k: qw_state(v) for k, v in results.items()}, "rows": rows}, pdir / f"block_{i:04d}.pt")
     atomic_save([t.cpu() for t in next_inputs], pdir / f"inputs_{i + 1:04d}.pt")
+    if next_fp_inputs is not None:
+        atomic_save([t.cpu() for t in next_fp_inputs], pdir / f"fp_inputs_{i + 1:04d}.pt")
     atomic_json({"fingerprint": fingerprint, "next_block": i + 1}, pdir / "state.json")
-    old = pdir / f"inputs_{i:04d}.pt"
-    if old.exists():
-        old.unlink()
+    for old in (pdir / f"inputs_{i:04d}.pt", pdir / f"fp_inputs_{i:04d}.pt"):
+        if old.exists():
+            old.unlink()
 
 
 def load_blocks(pdir, n):
@@ -439,27 +556,33 @@ def load_blocks(pdir, n):
 
 # ---------------------------------------------------------------- the whole model
 
-def keep_on_device(n_values, device):
-    """Keep activations on the GPU only when inputs + outputs take under a quarter of its free memory."""
+def keep_on_device(n_values, device, streams=1):
+    """Keep activations on the GPU only when inputs + outputs (of every stream) take under a quarter of its
+    free memory."""
     if device.type == "cpu":
         return True
     free, _ = torch.cuda.mem_get_info(device)
-    return 2 * n_values * 2 < free / 4
+    return streams * 2 * n_values * 2 < free / 4
 
 
 def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_size=-1, sym=False, outliers=None,
-                   structured_outliers=False, sweeps=None, damp=0.01, true_sequential=False, calib_spec,
-                   nsamples=128, seqlen=2048, device=None, seed=0, overwrite=False, progress=None):
+                   structured_outliers=False, sweeps=None, damp=0.01, true_sequential=False, target=None,
+                   target_alpha=TARGET_ALPHA, calib_spec, nsamples=128, seqlen=2048, device=None, seed=0,
+                   overwrite=False, progress=None):
     """Quantize a whole HF decoder into a quantease checkpoint at out_dir; returns the report dict.
 
-    progress: show tqdm bars (None: only on a terminal)."""
+    target: "fp" (each layer matches the full-precision model's output) or "q" (W on the quantized model's
+    inputs); None: DEFAULT_TARGET[method].  progress: show tqdm bars (None: only on a terminal)."""
     from tqdm.auto import tqdm
 
     from quantease.format.checkpoint import check_target, write_checkpoint
 
     if outliers is None:
         outliers = 0.005 if method == "quantease" else 0.0
-    check_options(method, bits, group_size, outliers, structured_outliers, sweeps, nsamples, seqlen)
+    if target is None:
+        target = DEFAULT_TARGET.get(method, "q")
+    check_options(method, bits, group_size, outliers, structured_outliers, sweeps, nsamples, seqlen, target,
+                  target_alpha)
     model_path, local = check_model_path(model_path)
     if calib_spec != calib.SELF and (Path(calib_spec).suffix in (".txt", ".jsonl", ".raw")
                                      or str(calib_spec).startswith((".", "/", "~"))):
@@ -478,10 +601,14 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
             raise QuantEaseError(f"block {block_name}.{i} has no linear layers to quantize")
     opts = dict(bits=bits, method=method, group_size=group_size, sym=sym, outlier_fraction=outliers,
                 structured_outliers=structured_outliers, sweeps=sweeps, damp=damp)
+    if target == "fp":
+        opts["target_alpha"] = target_alpha
     fingerprint = dict(version=STATE_VERSION, model=str(Path(model_path).resolve()) if local else model_path,
                        calib=str(calib_spec), nsamples=nsamples, seqlen=seqlen, seed=seed, device=dev.type,
-                       dtype=str(next(model.parameters()).dtype), true_sequential=true_sequential,
-                       files=folder_stamp(model_path) if local else None, **opts)
+                       dtype=str(next(model.parameters()).dtype), true_sequential=true_sequential, target=target,
+                       files=folder_stamp(model_path) if local else None,
+                       # a run left by older defaults (e.g. before grid refit) must not be resumed with new ones
+                       defaults=repr(sorted(DEFAULTS.get(method, {}).items())), **opts)
     pdir = partial_dir(out)
     start, ids = load_state(pdir, fingerprint)
     if ids is None:
@@ -507,7 +634,9 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
         print(f"quantease quantize: resuming from block {start} of {len(blocks)} ({pdir})")
 
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else None
-    store = dev if keep_on_device(nsamples * seqlen * (hidden or 0), dev) else torch.device("cpu")
+    fp_target = target == "fp"
+    streams = 2 if fp_target else 1
+    store = dev if keep_on_device(nsamples * seqlen * (hidden or 0), dev, streams) else torch.device("cpu")
     results, rows = load_blocks(pdir, start)
     for name, qw in results.items():  # blocks finished by an earlier run
         discover.set_weight(model.get_submodule(name), qw.dequantize())
@@ -516,8 +645,11 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
         calls = block_call_args(model, blocks, ids[:1], dev)
         if start == 0:
             inputs = first_block_inputs(model, blocks, ids, dev, store)
+            fp_inputs = list(inputs) if fp_target else None  # the same tensors: block 0 sees the same inputs
         else:
             inputs = [t.to(store) for t in torch.load(pdir / f"inputs_{start:04d}.pt")]
+            fp_inputs = ([t.to(store) for t in torch.load(pdir / f"fp_inputs_{start:04d}.pt")]
+                         if fp_target else None)
         move_outside(model, blocks, "cpu")
     except torch.cuda.OutOfMemoryError:
         raise QuantEaseError("out of GPU memory while capturing the inputs of the blocks: lower --nsamples or "
@@ -532,10 +664,17 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
         try:
             block.to(dev)
             call = to_device(calls[i], dev)
+            fp_block = copy.deepcopy(block) if fp_target else None  # stays unquantized: X_fp, fp outputs
             with tqdm(total=len(discover.find_linears(block)), desc=f"block {i}", leave=False,
                       disable=hide) as lbar:
-                res, rws = quantize_block(block, prefix, inputs, call, dev, opts, true_sequential, lbar)
+                res, rws = quantize_block(block, prefix, inputs, call, dev, opts, true_sequential, lbar,
+                                          fp_block, fp_inputs)
+            for r in rws.values():
+                r["target"] = target
             inputs = block_outputs(block, inputs, call, dev, store)
+            if fp_target:
+                fp_inputs = block_outputs(fp_block, fp_inputs, call, dev, store)
+                del fp_block
             block.to("cpu")
         except torch.cuda.OutOfMemoryError:
             kept = f"; blocks 0-{i - 1} are saved in {pdir} and a rerun resumes there" if i else ""
@@ -543,20 +682,20 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
                                  f"or use --device cpu{kept}") from None
         results.update(res)
         rows.update(rws)
-        save_block(pdir, fingerprint, i, res, rws, inputs)
+        save_block(pdir, fingerprint, i, res, rws, inputs, fp_inputs)
         if interrupt_after is not None and int(interrupt_after) == i:
             raise KeyboardInterrupt(f"{INTERRUPT_ENV}={i}")
 
     seconds = time.time() - t_start
-    print_table(rows)
+    print_table(rows, target)
     model.to(save_dtype(model.config))
     convert_conv1d(model, results)
     quant_config = dict(bits=bits, group_size=group_size, sym=sym, outlier_fraction=outliers,
                         structured_outliers=structured_outliers, method=method)
-    from quantease.quantize import DEFAULTS
 
     sweeps = DEFAULTS.get(method, {}).get("sweeps") if sweeps is None else sweeps
-    report = dict(seconds=seconds, sweeps=sweeps, damp=damp, true_sequential=true_sequential,
+    report = dict(seconds=seconds, sweeps=sweeps, damp=damp, true_sequential=true_sequential, target=target,
+                  target_alpha=target_alpha if target == "fp" else None,
                   block_stack=block_name,
                   calibration=dict(source=str(calib_spec), nsamples=nsamples, seqlen=seqlen, seed=seed),
                   device=str(dev), layers=rows)
@@ -591,8 +730,9 @@ def convert_conv1d(model, results):
         setattr(model.get_submodule(parent) if parent else model, child, linear)
 
 
-def print_table(rows):
-    print(f"{'layer':<48} {'shape':>12} {'rel err':>9} {'outliers':>9} {'bits/w':>7} {'s':>6}")
+def print_table(rows, target="q"):
+    # rel err: the objective's, ||W X_q - Ŵ X_q||²/||W X_q||² (target q) or ||W X_fp - Ŵ X_q||²/||W X_fp||² (fp)
+    print(f"{'layer':<48} {'shape':>12} {'rel err ' + target:>9} {'outliers':>9} {'bits/w':>7} {'s':>6}")
     for name, r in rows.items():
         shape = "x".join(str(s) for s in r["shape"])
         print(f"{name:<48} {shape:>12} {r['rel_error']:>9.5f} {r['outliers']:>9d} "
