@@ -75,8 +75,8 @@ def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, grou
     """Checkpoint tensors -> dict the kernels read (qlinear_prepared).  Call once at load time.
 
     Keys: plane0, plane1 (None unless 3-bit), scales, zeros (None if symmetric), outlier_idx, outlier_val
-    (None if no outliers or R == 0), words (the half2 GEMV's layout: CUDA weights when that GEMV is selected and
-    applies, else None), bits, group_size, in_features, out_features.  The words are built here, at load time,
+    (None if no outliers or R == 0), words (the half2 GEMV's layout; only on CUDA when that GEMV is selected, and
+    None where it does not apply), bits, group_size, in_features, out_features.  The words are built here, at load time,
     so that runtimes keep them beside the planes (vLLM's memory profiling sees them; nothing is built during
     CUDA-graph capture); they cost 3 more bits per weight while the M >= 3 kernels still read the planes."""
     _check(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
