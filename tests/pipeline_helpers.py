@@ -90,3 +90,31 @@ def corpus(n_chars=20000, seed=0):
         out.append(s)
         size += len(s)
     return "".join(out)[:n_chars]
+
+
+def make_work(d):
+    """A folder with calib.txt and a tiny Llama with a byte tokenizer ("tiny"): the CLI tests' inputs."""
+    (d / "calib.txt").write_text(corpus(20000))
+    tiny_llama_with_tokenizer(d / "tiny")
+    return d
+
+
+def quantize_tiny(work, out, *extra):
+    """`quantease quantize` of work/tiny with 4 x 64 tokens of work/calib.txt; returns the exit code."""
+    from quantease.cli import main
+
+    return main(["quantize", str(work / "tiny"), "--out", str(out), "--calib", str(work / "calib.txt"),
+                 "--nsamples", "4", "--seqlen", "64", *extra])
+
+
+def all_tensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def report(folder):
+    return json.loads((Path(folder) / "quantease_report.json").read_text())

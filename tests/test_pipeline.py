@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline_helpers import corpus, family_config, make_family, tiny_llama_with_tokenizer
+from pipeline_helpers import (all_tensors, corpus, family_config, make_family, make_work, quantize_tiny,
+                              report)
 from quantease.cli import main
 from quantease.errors import QuantEaseError
 from quantease.format.checkpoint import dequantized_tensors
@@ -19,26 +19,10 @@ FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "opt", "gpt2"]
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipeline")
-    (d / "calib.txt").write_text(corpus(20000))
-    tiny_llama_with_tokenizer(d / "tiny")
-    return d
+    return make_work(tmp_path_factory.mktemp("pipeline"))
 
 
-def quantize(work, out, *extra):
-    return main(["quantize", str(work / "tiny"), "--out", str(out), "--calib", str(work / "calib.txt"),
-                 "--nsamples", "4", "--seqlen", "64", *extra])
-
-
-def all_tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def report(folder):
-    return json.loads((folder / "quantease_report.json").read_text())
+quantize = quantize_tiny
 
 
 @pytest.fixture(scope="module")

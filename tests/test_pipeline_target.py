@@ -1,39 +1,20 @@
 """`quantease quantize --target fp|q`: the asymmetric objective ||W X_fp - Ŵ X_q||² (GPTAQ) through the
 pipeline's two activation streams: the algebra, the Σ it accumulates, equality with target q where no
 earlier error exists, resume, bad input."""
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from pipeline_helpers import corpus, tiny_llama_with_tokenizer
-from quantease.cli import main
+from pipeline_helpers import all_tensors, make_work, quantize_tiny, report
 from quantease.quantize import calib, pipeline
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("target")
-    (d / "calib.txt").write_text(corpus(20000))
-    tiny_llama_with_tokenizer(d / "tiny")
-    return d
+    return make_work(tmp_path_factory.mktemp("target"))
 
 
-def quantize(work, out, *extra):
-    return main(["quantize", str(work / "tiny"), "--out", str(out), "--calib", str(work / "calib.txt"),
-                 "--nsamples", "4", "--seqlen", "64", *extra])
-
-
-def all_tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def report(folder):
-    return json.loads((folder / "quantease_report.json").read_text())
+quantize = quantize_tiny
 
 
 def test_fp_target_weight_minimises_the_asymmetric_objective():

@@ -47,6 +47,37 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def slot_codes(a, a_hi, hs, h_hi, h_15, zb, j: tl.constexpr, BITS: tl.constexpr, W0: tl.constexpr,
+               INPLACE: tl.constexpr, ASM: tl.constexpr):
+    """Code slot j of a block's plane words [BN, WPB] as float32 c - zb (zb [BN]: the row's zero, or the
+    symmetric one).  3-bit INPLACE: built in a float mantissa by two LOP3s, 2**(23 - p) + c, minus 2**(23 - p) + z:
+    c - z exactly; else shift, mask, or in the plane-1 bit, convert."""
+    if BITS == 3 and INPLACE:
+        c = _code3(a, a_hi, hs, h_hi, h_15, j, ASM) - (zb[:, None] + (1 << (23 - 2 * (j % 8))))
+    else:
+        c = (a >> (W0 * j)) & ((1 << W0) - 1)
+        if BITS == 3:
+            c = c | (((hs >> ((2 * j + 2) % 32)) & 1) << 2)
+        c = c.to(tl.float32) - zb[:, None]
+    return c
+
+
+@triton.jit
+def group_dequant(c, zb, kx, offs_n, mask_n, K, group_size, s_ptr, z_ptr, stride_s, stride_z,
+                  HAS_ZEROS: tl.constexpr, ZERO: tl.constexpr):
+    """Groups that do not cover whole blocks: per element s * (c - z) from slot_codes' c - zb (kx: the columns)."""
+    g = kx // group_size
+    gmask = mask_n[:, None] & (kx < K)[None, :]
+    s_e = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=gmask, other=0.0)
+    if HAS_ZEROS:
+        z_e = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=gmask, other=0)
+        c = c + zb[:, None] - z_e.to(tl.float32)
+    else:
+        c = c + zb[:, None] - ZERO
+    return c * s_e.to(tl.float32)
+
+
+@triton.jit
 def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                  M, N, K, group_size,
                  stride_xm, stride_ym, stride_p0, stride_p1, stride_s, stride_z,
@@ -92,6 +123,12 @@ def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                 a_hi = a >> 16
                 h_hi = hs >> 16
                 h_15 = hs << 16
+        else:
+            hs = a  # unread (slot_codes takes it for 3-bit only); dead code after compilation
+        if not (BITS == 3 and INPLACE):
+            a_hi = a
+            h_hi = a
+            h_15 = a
         if GROUP_MODE == 1:
             g = (blk * 256) // group_size
             sb = tl.load(s_ptr + offs_n * stride_s + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -105,23 +142,10 @@ def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
         for j in tl.static_range(PW):
             kx = blk * 256 + j * WPB + q
             x = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx < K)[None, :], other=0.0).to(dtype)
-            if BITS == 3 and INPLACE:  # 2**(23 - p) + c, minus 2**(23 - p) + z: c - z exactly
-                c = _code3(a, a_hi, hs, h_hi, h_15, j, ASM) - (zb[:, None] + (1 << (23 - 2 * (j % 8))))
-            else:
-                c = (a >> (W0 * j)) & ((1 << W0) - 1)
-                if BITS == 3:
-                    c = c | (((hs >> ((2 * j + 2) % 32)) & 1) << 2)
-                c = c.to(tl.float32) - zb[:, None]
+            c = slot_codes(a, a_hi, hs, h_hi, h_15, zb, j, BITS, W0, INPLACE, ASM)
             if GROUP_MODE == 2:
-                g = kx // group_size
-                gmask = mask_n[:, None] & (kx < K)[None, :]
-                s_e = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=gmask, other=0.0)
-                if HAS_ZEROS:
-                    z_e = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=gmask, other=0)
-                    c = c + zb[:, None] - z_e.to(tl.float32)
-                else:
-                    c = c + zb[:, None] - ZERO
-                c = c * s_e.to(tl.float32)
+                c = group_dequant(c, zb, kx, offs_n, mask_n, K, group_size, s_ptr, z_ptr, stride_s, stride_z,
+                                  HAS_ZEROS, ZERO)
             part = _dot(x, tl.trans(c.to(dtype)), part, IEEE)
         if GROUP_MODE == 1:
             acc += part * sb[None, :]

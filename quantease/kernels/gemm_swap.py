@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantease.kernels.gemv import _code3
+from quantease.kernels.gemm import group_dequant, slot_codes
 from quantease.kernels.outliers import ell_add
 
 # (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF]) by M bucket; SPLIT_K 0 = pick_split (wrapper); XPF = x
@@ -174,6 +174,12 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                 a_hi = a >> 16
                 h_hi = hs >> 16
                 h_15 = hs << 16
+        else:
+            hs = a  # unread (slot_codes takes it for 3-bit only); dead code after compilation
+        if not (BITS == 3 and INPLACE):
+            a_hi = a
+            h_hi = a
+            h_15 = a
         if GROUP_MODE == 1:
             g = (blk * 256) // group_size
             sb = tl.load(s_ptr + offs_n * stride_s + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -226,23 +232,11 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                     c = _code3_sel(a, a_hi, hs, h_hi, h_15, j, ASM) - (ZERO + (1 << (23 - 2 * (j % 8))))
                 else:
                     c = ((a >> (W0 * j)) & ((1 << W0) - 1)).to(tl.float32) - ZERO
-            elif BITS == 3 and INPLACE:  # 2**(23 - p) + c, minus 2**(23 - p) + z: c - z exactly
-                c = _code3(a, a_hi, hs, h_hi, h_15, j, ASM) - (zb[:, None] + (1 << (23 - 2 * (j % 8))))
             else:
-                c = (a >> (W0 * j)) & ((1 << W0) - 1)
-                if BITS == 3:
-                    c = c | (((hs >> ((2 * j + 2) % 32)) & 1) << 2)
-                c = c.to(tl.float32) - zb[:, None]
+                c = slot_codes(a, a_hi, hs, h_hi, h_15, zb, j, BITS, W0, INPLACE, ASM)
             if GROUP_MODE == 2:
-                g = kx // group_size
-                gmask = mask_n[:, None] & (kx < K)[None, :]
-                s_e = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=gmask, other=0.0)
-                if HAS_ZEROS:
-                    z_e = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=gmask, other=0)
-                    c = c + zb[:, None] - z_e.to(tl.float32)
-                else:
-                    c = c + zb[:, None] - ZERO
-                c = c * s_e.to(tl.float32)
+                c = group_dequant(c, zb, kx, offs_n, mask_n, K, group_size, s_ptr, z_ptr, stride_s, stride_z,
+                                  HAS_ZEROS, ZERO)
             part = _dot(c.to(dtype), xj, part, IEEE, REGA)
         if GROUP_MODE == 1:
             if XSUM:
