@@ -64,13 +64,18 @@ def check(y, ref, dtype):
     assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]:.0e}"
 
 
-def run_case(n, k, bits, group_size, fraction, sym, m, dtype, bias, seed=0, backend="triton"):
+def make_case(n, k, bits, group_size, fraction, sym, m, dtype, bias, seed=0):
+    """(checkpoint tensors, prepared dict, x, bias or None, NaN-poisoned out) of one kernel test case."""
     w = make_weight(n, k, bits, group_size, fraction, sym, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
     b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
-    p = prepare_weights(*w, bits, group_size, k)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    return w, prepare_weights(*w, bits, group_size, k), x, b, out
+
+
+def run_case(n, k, bits, group_size, fraction, sym, m, dtype, bias, seed=0, backend="triton"):
+    w, p, x, b, out = make_case(n, k, bits, group_size, fraction, sym, m, dtype, bias, seed)
     y = qlinear_prepared(x, p, b, backend=backend, out=out)
     assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
     check(y, reference64(x, w, bits, group_size, k, b), dtype)

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from test_kernels import DEVICE, check, make_weight, needs_triton, reference64  # first: sets TRITON_INTERPRET
+from test_kernels import DEVICE, check, make_case, make_weight, needs_triton, reference64  # first: sets TRITON_INTERPRET
 from quantease.format import layout
 from quantease.kernels import prepare_weights
 from quantease.kernels import gemm_swap
@@ -19,12 +19,7 @@ GRIDS = ((-1, True), (64, False), (256, True), (-1, False), (32, True))
 
 
 def run_swap(n, k, bits, group_size, fraction, sym, m, dtype, bias, seed=0, config=None, fused=None, gather_x=None):
-    w = make_weight(n, k, bits, group_size, fraction, sym, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
-    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
-    p = prepare_weights(*w, bits, group_size, k)
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    w, p, x, b, out = make_case(n, k, bits, group_size, fraction, sym, m, dtype, bias, seed)
     y = gemm_swap.qgemm_swap(x, p, b, out, config=config, outliers_fused=fused, gather_x=gather_x)
     assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
     check(y, reference64(x, w, bits, group_size, k, b), dtype)
