@@ -58,6 +58,20 @@ def _code3(a, a_hi, hs, h_hi, h_15, j: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def ell_rows(y, x_ptr, oi_ptr, ov_ptr, offs_n, mask_n, start, R, stride_oi, stride_ov, m, M, BR: tl.constexpr):
+    """y [BN] += sum over ELL slots start..R of val[n, r] * x_m[idx[n, r]] (x_ptr: row m of x; rows m >= M read
+    nothing): the GEMVs' fused outlier add."""
+    for r0 in range(start, R, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        rmask = mask_n[:, None] & (offs_r[None, :] < R)
+        idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
+        val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+        xg = tl.load(x_ptr + idx.to(tl.int32), mask=rmask & (offs_r[None, :] * 0 + m < M), other=0.0)
+        y += tl.sum(xg.to(tl.float32) * val.to(tl.float32), axis=1)
+    return y
+
+
+@triton.jit
 def _fma_row(acc, xs, x_ptr, kx, kmask, m, M, wv, PER_CHANNEL: tl.constexpr, NO_MASK: tl.constexpr):
     """Row m of x: acc [BN, BKW] += wv * x_m for one code slot; xs [BKW] += x_m (per channel)."""
     if NO_MASK:  # M == 1 and whole steps: every x load is in bounds, skip the compare + select per element
@@ -78,13 +92,7 @@ def _finish_row(acc, xs, y_ptr, m, M, s, z, offs_n, mask_n, bias, x_ptr, oi_ptr,
     if PER_CHANNEL:
         y = s * (y - z * tl.sum(xs, axis=0))
     if HAS_OUTLIERS:
-        for r0 in range(0, R, BR):
-            offs_r = r0 + tl.arange(0, BR)
-            rmask = mask_n[:, None] & (offs_r[None, :] < R)
-            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
-            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-            xg = tl.load(x_ptr + idx.to(tl.int32), mask=rmask & (offs_r[None, :] * 0 + m < M), other=0.0)
-            y += tl.sum(xg.to(tl.float32) * val.to(tl.float32), axis=1)
+        y = ell_rows(y, x_ptr, oi_ptr, ov_ptr, offs_n, mask_n, 0, R, stride_oi, stride_ov, m, M, BR)
     if HAS_BIAS:
         y += bias
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n & (offs_n * 0 + m < M))

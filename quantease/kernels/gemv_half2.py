@@ -37,6 +37,7 @@ import triton.language as tl
 
 from quantease.errors import QuantEaseError
 from quantease.kernels.prepare import half2_from_prepared, half2_supported, half2_words_per_role
+from quantease.kernels.gemv import ell_rows
 
 # Configs: (BN, blocks of 32 Q columns per K step, num_warps[, stages[, prefetch depth[, lead[, pin[, cg[, xhint]]]]]]);
 # stages default 3 (triton's default: no effect here, the loads are register-prefetched), prefetch depth 1 (the
@@ -432,13 +433,7 @@ def _finish_row(yacc, y_ptr, m, Mloc, s, offs_n, mask_n, bias, x_ptr, oi_ptr, ov
             xg = tl.load(x_ptr + idx0.to(tl.int32), mask=rmask & (offs_r[None, :] * 0 + m < Mloc), other=0.0)
             y += tl.sum(xg.to(tl.float32) * val0.to(tl.float32), axis=1)
             start = BR
-        for r0 in range(start, R, BR):
-            offs_r = r0 + tl.arange(0, BR)
-            rmask = mask_n[:, None] & (offs_r[None, :] < R)
-            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
-            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-            xg = tl.load(x_ptr + idx.to(tl.int32), mask=rmask & (offs_r[None, :] * 0 + m < Mloc), other=0.0)
-            y += tl.sum(xg.to(tl.float32) * val.to(tl.float32), axis=1)
+        y = ell_rows(y, x_ptr, oi_ptr, ov_ptr, offs_n, mask_n, start, R, stride_oi, stride_ov, m, Mloc, BR)
     if HAS_BIAS:
         y += bias
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n & (offs_n * 0 + m < Mloc))
