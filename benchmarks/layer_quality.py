@@ -155,9 +155,10 @@ def study(layers, bits, max_sweeps=20):
     return rows
 
 
-def gpu_timing(reps=3):
+def gpu_timing(reps=3, only=None):
     """Seconds per quantize_weight call on CUDA (median of reps runs), and the ratio to GPTQ with the
-    same group size (issue 7: quantease <= 3x gptq)."""
+    same group size (issue 7: quantease <= 3x gptq).  only: run just the variants whose name contains one
+    of these strings (the gptq baselines always run: the ratios need them)."""
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = ["| q x p | method | seconds (median of 3) | of which init | rel error | x gptq time |",
@@ -183,6 +184,9 @@ def gpu_timing(reps=3):
         "quantease defaults g128": dict(method="quantease", group_size=128),
         "quantease g128, fixed grid, 1 round (old)": dict(method="quantease", group_size=128, refit=False, rounds=1),
     }
+    if only:
+        variants = {name: o for name, o in variants.items()
+                    if name.startswith("gptq") and "clip" not in name or any(x in name for x in only)}
     for n, k in ((4096, 4096), (11008, 4096)):
         g = torch.Generator(device=dev).manual_seed(0)
         w = torch.randn(n, k, device=dev, generator=g) * 0.02
@@ -214,6 +218,58 @@ def gpu_timing(reps=3):
     return rows
 
 
+def row_errors(w, s, **opts):
+    """f per output row, tr((W - Q) Sigma (W - Q)^T) split by rows (rows are independent in f)."""
+    e = w - quantize_weight(w, s, bits=3, **opts).dequantize().to(w.device, torch.float32)
+    return ((e @ s) * e).sum(1)
+
+
+def best_allocation(f, budget):
+    """f [N, R+1]: row i's error with r outlier slots.  -> (counts [N], total error) minimising the sum under
+    sum(counts) <= budget: a Lagrangian split (each row argmin f_i(r) + lam r, lam by bisection), its leftover
+    slots then given one at a time to the row that gains most.  Any such split is feasible; it is optimal
+    on the rows' convex hulls."""
+    r = torch.arange(f.shape[1], dtype=f.dtype)
+    lo, hi = 0.0, float((f[:, 0] - f[:, -1]).max()) + 1.0
+    for _ in range(60):
+        lam = (lo + hi) / 2
+        if int((f + lam * r).argmin(1).sum()) > budget:
+            lo = lam
+        else:
+            hi = lam
+    counts = (f + hi * r).argmin(1)
+    rows = torch.arange(f.shape[0])
+    while int(counts.sum()) < budget:
+        nxt = (counts + 1).clamp(max=f.shape[1] - 1)
+        gain = f[rows, counts] - f[rows, nxt]
+        i = int(gain.argmax())
+        if gain[i] <= 0:
+            break
+        counts[i] += 1
+    return counts, float(f[rows, counts].sum())
+
+
+def allocation(layers, fraction=0.005):
+    """Issue 2's outlier budget s = fraction * N * K, row-balanced (floor(fraction K) slots in every row, what
+    the ELL format stores) against the best per-row counts with the same total, measured: every row's error
+    for r = 0 .. 2 R + 2 slots from one quantize_weight run per r (rows are independent in f and in every
+    step of the algorithm, so row i of the run with r slots is what row i gets with r slots)."""
+    rows = ["| layer | N x K | s (budget) | plain CD | row-balanced R | ratio | best per-row split: max count | ratio |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, (w, s) in layers.items():
+        n, k = w.shape
+        r0 = int(fraction * k)
+        f = torch.stack([row_errors(w, s, method="quantease", outlier_fraction=(r + 0.5) / k if r else 0.0)
+                         for r in range(2 * r0 + 3)], 1).double()
+        base = float((w @ s * w).sum())
+        counts, best = best_allocation(f, int(fraction * n * k))
+        plain, bal = float(f[:, 0].sum()), float(f[:, r0].sum())
+        rows.append(f"| {name} | {n}x{k} | {int(fraction * n * k)} | {plain / base:.5f} | R={r0}: {bal / base:.5f} "
+                    f"| {bal / plain:.3f} | {int(counts.max())}: {best / base:.5f} | {best / plain:.3f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def parity():
     """CPU vs CUDA on one layer: code agreement and relative errors."""
     rows = ["| method | codes equal | rel error cpu | rel error cuda |", "|---|---|---|---|"]
@@ -230,7 +286,9 @@ def parity():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu-timing", action="store_true")
+    ap.add_argument("--variants", nargs="+", help="--gpu-timing: only the variants whose name holds one of these")
     ap.add_argument("--study", action="store_true")
+    ap.add_argument("--allocation", action="store_true", help="row-balanced vs best per-row outlier counts")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--no-smollm", action="store_true")
     ap.add_argument("--blocks", type=int, nargs="+", default=[2, 10])
@@ -243,7 +301,7 @@ def main():
     torch.set_num_threads(args.threads)
     lines = []
     if args.gpu_timing:
-        lines += ["### GPU timing (3-bit, per layer)", ""] + gpu_timing()
+        lines += ["### GPU timing (3-bit, per layer)", ""] + gpu_timing(only=args.variants)
         lines += ["", "### CPU/CUDA parity (synthetic 512x1024, 3-bit)", ""] + parity()
     else:
         layers = {}
@@ -251,7 +309,9 @@ def main():
             layers.update(synthetic_layers())
         if not args.no_smollm:
             layers.update(smollm_layers(args.blocks, args.nsamples, args.seqlen, args.cache or None))
-        if args.study:
+        if args.allocation:
+            lines += allocation(layers)
+        elif args.study:
             for bits in (3, 4):
                 lines += study(layers, bits) + [""]
         else:

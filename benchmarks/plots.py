@@ -181,27 +181,43 @@ def quality_rows(res=RES):
     return list(merged.values()), files[0].parent / "results*.json"
 
 
+def label_places(rows, gap=1.09):
+    """[(row, label y)]: points of about the same bits/weight get their labels at least `gap` apart (a
+    ratio: the axis is log), in the order of their ppl, centred on the points."""
+    out = []
+    for col in sorted({round(r[1], 1) for r in rows}):
+        pts = sorted((r for r in rows if round(r[1], 1) == col), key=lambda r: r[2])
+        ys = [pts[0][2]]
+        for r in pts[1:]:
+            ys.append(max(r[2], ys[-1] * gap))
+        shift = (math.prod(r[2] for r in pts) / math.prod(ys)) ** (1 / len(ys))  # geometric centring
+        out += [(r, y * shift) for r, y in zip(pts, ys)]
+    return out
+
+
 def plot_quality(rows, png, source):
-    """ppl vs bits/weight; with rows of several code versions, the newest code's points are filled and the
-    older ones hollow, labelled with their code hash."""
+    """ppl vs bits/weight, the newest row of each config; rows of an older code version than the newest are
+    hollow and labelled with their code hash (the table keeps them all)."""
     p = plt()
     fig, ax = p.subplots(figsize=(7.5, 4.8))
     codes = list(dict.fromkeys(code for _, _, _, code in rows))  # table order: oldest code first
     newest = codes[-1] if codes else ""
-    fp16 = next((ppl for name, _, ppl, code in reversed(rows) if name == "fp16"), None)
+    latest = {}
+    for row in rows:  # newest code wins, else the later row
+        name, code = row[0], row[3]
+        if name not in latest or codes.index(code) >= codes.index(latest[name][3]):
+            latest[name] = row
+    fp16 = latest.pop("fp16", (None, None, None, None))[2]
     colors = {"rtn": "tab:gray", "gptq": "tab:orange", "quantease": "tab:blue"}
-    placed = []  # (bits, log ppl) of the labels so far: near-equal points get their labels stacked downwards
-    for name, bits, ppl, code in rows:
-        if name == "fp16":
-            continue
+    for name, bits, ppl, code in latest.values():
         c = colors.get(name.split("-")[0], "tab:green")
         old = len(codes) > 1 and code != newest
         ax.scatter(bits, ppl, s=30, color="none" if old else c, edgecolors=c)
-        label = f"{name} ({code[:7]})" if old else name
-        near = sum(abs(bits - b) < 0.03 and abs(math.log(ppl) - lp) < 0.08 for b, lp in placed)
-        placed.append((bits, math.log(ppl)))
-        ax.annotate(label, (bits, ppl), textcoords="offset points", xytext=(5, 3 - 9 * near), fontsize=7,
-                    color="gray" if old else "black")
+    for (name, bits, ppl, code), y in label_places(list(latest.values())):
+        old = len(codes) > 1 and code != newest
+        ax.annotate(f"{name} ({code[:7]})" if old else name, (bits, ppl), xytext=(bits + 0.04, y), fontsize=7,
+                    va="center", color="gray" if old else "black",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="gray"))
     for method, c in colors.items():
         ax.scatter([], [], color=c, label=method)
     if len(codes) > 1:
@@ -213,13 +229,13 @@ def plot_quality(rows, png, source):
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
-    ax.margins(x=0.15)
     ax.set_xlabel("storage bits / weight (codes + scales + zeros + outlier slots)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("SmolLM2-135M-Instruct: perplexity vs bits/weight")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     n = len({name for name, _, _, _ in rows})
+    ax.set_xlim(min(r[1] for r in latest.values()) - 0.1, max(r[1] for r in latest.values()) + 0.35)
     fig.suptitle(f"from {source.relative_to(ROOT)}: {n} configs, {len(rows)} rows"
                  + (f", code {', '.join(c[:7] for c in codes if c)}" if any(codes) else ""), fontsize=8)
     fig.tight_layout()
