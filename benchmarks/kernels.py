@@ -196,8 +196,8 @@ def sweep(args, writer):
 def bench(args, writer):
     fp16 = {}
     rows = []
-    for n, k in SHAPES:
-        for fraction in FRACTIONS:
+    for n, k in args.shapes:
+        for fraction in args.fractions:
             p, _ = make_prepared(n, k, 3, -1, fraction)
             wb = weight_bytes(p)
             for m in MS:
@@ -215,14 +215,16 @@ def bench(args, writer):
                     writer.writerow(["bench", n, k, m, fraction, "fused_gemm", f"{fused:.2f}", "",
                                      f"{base / fused:.3f}", f"{base:.2f}"])
             del p
-    print("\n| N x K | M | fp16 us | 3b us | 3b+0.5% us | 3b+1% us | GB/s (0%) | speedup 0% / 0.5% / 1% |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, k in SHAPES:
+    fr = args.fractions
+    print("\n| N x K | M | fp16 us | " + " | ".join(f"3b+{f * 100:g}% us" for f in fr) + " | GB/s (first) | speedup "
+          + " / ".join(f"{f * 100:g}%" for f in fr) + " |")
+    print("|---|---|---|" + "---|" * len(fr) + "---|---|")
+    for n, k in args.shapes:
         for m in MS:
-            r = {f: x for x in rows if x[0] == n and x[1] == k and x[2] == m for f in [x[3]]}
-            base = r[0.0][6]
-            print(f"| {n}x{k} | {m} | {base:.1f} | {r[0.0][4]:.1f} | {r[0.005][4]:.1f} | {r[0.01][4]:.1f} | "
-                  f"{r[0.0][5]:.0f} | {base / r[0.0][4]:.2f} / {base / r[0.005][4]:.2f} / {base / r[0.01][4]:.2f} |")
+            r = {x[3]: x for x in rows if x[0] == n and x[1] == k and x[2] == m}
+            base = r[fr[0]][6]
+            print(f"| {n}x{k} | {m} | {base:.1f} | " + " | ".join(f"{r[f][4]:.1f}" for f in fr)
+                  + f" | {r[fr[0]][5]:.0f} | " + " / ".join(f"{base / r[f][4]:.2f}" for f in fr) + " |")
 
 
 # GEMV v2 (kernels/gemv_half2.py) candidates: (BN, blocks of 128 columns per step, num_warps)
@@ -318,7 +320,11 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--plot", metavar="CSV")
     ap.add_argument("--variant", choices=("half2",), help="also compare GEMV v1 with this variant (M <= 4)")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="--bench: NxK,NxK,...")
+    ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="--bench: outlier fractions")
     args = ap.parse_args()
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    args.fractions = [float(f) for f in args.fractions.split(",")]
     if args.plot:
         plot(args.plot, os.path.join(os.path.dirname(__file__), "plots", "kernels_speedup.png"))
         return

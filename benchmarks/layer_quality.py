@@ -249,10 +249,10 @@ def best_allocation(f, budget):
     return counts, float(f[rows, counts].sum())
 
 
-def allocation(layers, fraction=0.005):
+def allocation(layers, fraction=0.005, cap=None):
     """Issue 2's outlier budget s = fraction * N * K, row-balanced (floor(fraction K) slots in every row, what
     the ELL format stores) against the best per-row counts with the same total, measured: every row's error
-    for r = 0 .. 2 R + 2 slots from one quantize_weight run per r (rows are independent in f and in every
+    for r = 0 .. cap (default 2 R + 2) slots from one quantize_weight run per r (rows are independent in f and in every
     step of the algorithm, so row i of the run with r slots is what row i gets with r slots)."""
     rows = ["| layer | N x K | s (budget) | plain CD | row-balanced R | ratio | best per-row split: max count | ratio |",
             "|---|---|---|---|---|---|---|---|"]
@@ -260,7 +260,7 @@ def allocation(layers, fraction=0.005):
         n, k = w.shape
         r0 = int(fraction * k)
         f = torch.stack([row_errors(w, s, method="quantease", outlier_fraction=(r + 0.5) / k if r else 0.0)
-                         for r in range(2 * r0 + 3)], 1).double()
+                         for r in range((cap or 2 * r0 + 2) + 1)], 1).double()
         base = float((w @ s * w).sum())
         counts, best = best_allocation(f, int(fraction * n * k))
         plain, bal = float(f[:, 0].sum()), float(f[:, r0].sum())
@@ -289,6 +289,8 @@ def main():
     ap.add_argument("--variants", nargs="+", help="--gpu-timing: only the variants whose name holds one of these")
     ap.add_argument("--study", action="store_true")
     ap.add_argument("--allocation", action="store_true", help="row-balanced vs best per-row outlier counts")
+    ap.add_argument("--cap", type=int, help="--allocation: the most slots a row may get (default 2 R + 2)")
+    ap.add_argument("--layers", nargs="+", help="only these layer names (SmolLM2: e.g. layers.2.self_attn.v_proj)")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--no-smollm", action="store_true")
     ap.add_argument("--blocks", type=int, nargs="+", default=[2, 10])
@@ -309,8 +311,10 @@ def main():
             layers.update(synthetic_layers())
         if not args.no_smollm:
             layers.update(smollm_layers(args.blocks, args.nsamples, args.seqlen, args.cache or None))
+        if args.layers:
+            layers = {n: layers[n] for n in args.layers}
         if args.allocation:
-            lines += allocation(layers)
+            lines += allocation(layers, cap=args.cap)
         elif args.study:
             for bits in (3, 4):
                 lines += study(layers, bits) + [""]

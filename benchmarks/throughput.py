@@ -17,6 +17,9 @@ and fresh random prompts for every run.  Per batch B:
   T1 = wall time of generate(B prompts, max_tokens=1)        (prefill + first token)
   TN = wall time of generate(B prompts, max_tokens=1 + N)
   decode tok/s = B * N / (TN - T1);  TPOT = (TN - T1) / N;  TTFT = T1  (derived from wall times, min of repeats)
+and vLLM's own per-request metrics over the TN runs (LLM.get_metrics(), the Prometheus histograms the server
+exports): mean vllm:time_to_first_token_seconds (vllm TTFT), vllm:request_time_per_output_token_seconds (vllm TPOT)
+and vllm:inter_token_latency_seconds (vllm ITL).
 Prefill tok/s = Bp * Lp / T1 for Bp prompts of Lp tokens.  Weight memory: vLLM's "Model loading took X GiB".
 """
 import argparse
@@ -47,7 +50,12 @@ LINEARS = (("self_attn.q_proj", "q"), ("self_attn.k_proj", "kv"), ("self_attn.v_
 MODELS = ("fp16", "quantease", "gptq")
 BITS, FRACTION = 3, 0.005
 CSV_FIELDS = ("model", "batch", "prompt_len", "new_tokens", "t1_s", "tn_s", "decode_tok_s", "tpot_ms", "ttft_ms",
-              "prefill_tok_s", "weights_gib", "checkpoint_gib", "init_s", "eager")
+              "vllm_ttft_ms", "vllm_tpot_ms", "vllm_itl_ms", "prefill_tok_s", "weights_gib", "checkpoint_gib",
+              "init_s", "eager")
+# vLLM's per-request latency histograms (LLM.get_metrics(), V1 engine) -> our column
+VLLM_METRICS = {"vllm:time_to_first_token_seconds": "vllm_ttft_ms",
+                "vllm:request_time_per_output_token_seconds": "vllm_tpot_ms",
+                "vllm:inter_token_latency_seconds": "vllm_itl_ms"}
 
 
 # ---------------------------------------------------------------- synthetic checkpoints
@@ -180,6 +188,27 @@ def timed(llm, sp_cls, batch, length, max_tokens, vocab, gen, repeats):
     return best
 
 
+def histograms(llm):
+    """{column: (sum s, count)} of VLLM_METRICS now (summed over engines); {} where the engine has none."""
+    out = {}
+    for m in llm.get_metrics():
+        col = VLLM_METRICS.get(m.name)
+        if col and hasattr(m, "sum"):
+            s0, c0 = out.get(col, (0.0, 0))
+            out[col] = (s0 + m.sum, c0 + m.count)
+    return out
+
+
+def mean_ms(before, after):
+    """{column: mean ms} of the observations between two histograms() snapshots."""
+    out = {}
+    for col, (s1, c1) in after.items():
+        s0, c0 = before.get(col, (0.0, 0))
+        if c1 > c0:
+            out[col] = 1e3 * (s1 - s0) / (c1 - c0)
+    return out
+
+
 def measure(args):
     from vllm import LLM, SamplingParams
 
@@ -189,7 +218,8 @@ def measure(args):
     kw = dict(model=args.measure, skip_tokenizer_init=True, dtype="float16", seed=0,
               max_model_len=max(args.prompt_len + args.new_tokens, args.prefill_len) + 16,
               max_num_seqs=max(batches + [args.prefill_batch]), enable_prefix_caching=False,
-              gpu_memory_utilization=args.gpu_mem, load_format="dummy" if args.dummy else "auto")
+              gpu_memory_utilization=args.gpu_mem, load_format="dummy" if args.dummy else "auto",
+              disable_log_stats=False)  # LLM() turns stats off by default: get_metrics() would be empty
     if args.eager:
         kw["enforce_eager"] = True
     elif torch.cuda.is_available():
@@ -203,13 +233,16 @@ def measure(args):
     rows = []
     for b in batches:
         t1 = timed(llm, SamplingParams, b, args.prompt_len, 1, vocab, gen, args.repeats)
+        h0 = histograms(llm)
         tn = timed(llm, SamplingParams, b, args.prompt_len, 1 + args.new_tokens, vocab, gen, args.repeats)
+        vm = mean_ms(h0, histograms(llm))
         dt = max(tn - t1, 1e-9)
         rows.append(dict(model=args.label, batch=b, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                          t1_s=t1, tn_s=tn, decode_tok_s=b * args.new_tokens / dt, tpot_ms=1e3 * dt / args.new_tokens,
-                         ttft_ms=1e3 * t1, init_s=init_s, eager=bool(args.eager)))
+                         ttft_ms=1e3 * t1, init_s=init_s, eager=bool(args.eager), **vm))
         print(f"[measure] {args.label} batch {b}: {rows[-1]['decode_tok_s']:.1f} tok/s decode, "
-              f"TPOT {rows[-1]['tpot_ms']:.2f} ms, TTFT {rows[-1]['ttft_ms']:.1f} ms", flush=True)
+              f"TPOT {rows[-1]['tpot_ms']:.2f} ms, TTFT {rows[-1]['ttft_ms']:.1f} ms; vLLM metrics "
+              + (", ".join(f"{k[5:]} {v:.2f} ms" for k, v in vm.items()) or "none"), flush=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))  # a run cut short keeps what it measured
     tp = timed(llm, SamplingParams, args.prefill_batch, args.prefill_len, 1, vocab, gen, args.repeats)
     rows.append(dict(model=args.label, batch=args.prefill_batch, prompt_len=args.prefill_len, new_tokens=0, t1_s=tp,
@@ -299,6 +332,7 @@ def table(rows):
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += ["", "| model | mode | weights GiB (vLLM log) | checkpoint GiB | TTFT ms (batch 1) | prefill tok/s | "
               "LLM init s |", "|---|---|---|---|---|---|---|"]
+    vllm_lines = vllm_table(labels, decode, batches)
     for m in labels:
         mr = [r for r in rows if r["model"] == m]
         pre = next((r for r in mr if int(r["new_tokens"]) == 0), {})
@@ -307,7 +341,21 @@ def table(rows):
         lines.append(f"| {m} | {mode} | {fmt(mr[0].get('weights_gib'), '.2f')} | {fmt(mr[0].get('checkpoint_gib'), '.2f')} | "
                      f"{fmt(b1.get('ttft_ms'), '.1f')} | {fmt(pre.get('prefill_tok_s'), '.0f')} | "
                      f"{fmt(mr[0].get('init_s'), '.0f')} |")
-    return "\n".join(lines)
+    return "\n".join(lines + vllm_lines)
+
+
+def vllm_table(labels, decode, batches):
+    """Per batch and model, vLLM's own mean TTFT / TPOT / ITL (ms) of the decode runs; [] when none has them."""
+    cols = list(VLLM_METRICS.values())
+    if not any(decode.get((m, b), {}).get(c) not in (None, "") for m in labels for b in batches for c in cols):
+        return []
+    lines = ["", "vLLM's own per-request metrics (means over the decode runs' requests, ms):", "",
+             "| batch | " + " | ".join(f"{m} TTFT / TPOT / ITL" for m in labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    for b in batches:
+        cells = [" / ".join(fmt(decode.get((m, b), {}).get(c), ".2f") for c in cols) for m in labels]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_csv(rows, path):

@@ -41,6 +41,40 @@ def test_table_speedup():
     assert "| 1 | 100.0 | 10.00 | 350.0 | 2.90 | 3.50x |" in throughput.table(rows)
 
 
+class FakeHist:
+    def __init__(self, name, total, count):
+        self.name, self.sum, self.count = name, total, count
+
+
+class FakeLLM:
+    def __init__(self, snaps):
+        self.snaps = iter(snaps)
+
+    def get_metrics(self):
+        return next(self.snaps)
+
+
+def test_vllm_metrics_delta():
+    """Means over the observations between two snapshots, summed over engines; other metrics ignored."""
+    ttft, itl = "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds"
+    llm = FakeLLM([[FakeHist(ttft, 1.0, 4), FakeHist(itl, 0.5, 10), FakeHist("vllm:other", 9.0, 9)],
+                   [FakeHist(ttft, 1.2, 5), FakeHist(ttft, 0.3, 3), FakeHist(itl, 0.5, 10)]])
+    before, after = throughput.histograms(llm), throughput.histograms(llm)
+    assert before == {"vllm_ttft_ms": (1.0, 4), "vllm_itl_ms": (0.5, 10)}
+    got = throughput.mean_ms(before, after)
+    assert got.keys() == {"vllm_ttft_ms"}  # no new ITL observations: no mean
+    assert abs(got["vllm_ttft_ms"] - 1e3 * 0.5 / 4) < 1e-9
+
+
+def test_table_vllm_metrics():
+    rows = [dict(model="fp16", batch=1, new_tokens=128, decode_tok_s=100.0, tpot_ms=10.0, vllm_ttft_ms=20.0,
+                 vllm_tpot_ms=9.5, vllm_itl_ms=9.4)]
+    text = throughput.table(rows)
+    assert "| 1 | 20.00 / 9.50 / 9.40 |" in text
+    assert "per-request metrics" not in throughput.table([dict(rows[0], vllm_ttft_ms=None, vllm_tpot_ms=None,
+                                                               vllm_itl_ms=None)])
+
+
 def test_quant_time_extrapolation():
     res = dict(method="gptq", status="done", total_s=100.0, peak_gib=9.0, blocks=[
         dict(end=1, seconds=30.0, quantize_weight_s=20.0, save_s=2.0),
