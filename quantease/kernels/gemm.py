@@ -78,6 +78,42 @@ def group_dequant(c, zb, kx, offs_n, mask_n, K, group_size, s_ptr, z_ptr, stride
 
 
 @triton.jit
+def block_words(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol, shift,
+                BITS: tl.constexpr, INPLACE: tl.constexpr, WPB: tl.constexpr):
+    """The plane words of one 256-column block for rows offs_n, as slot_codes takes them: plane 0 [BN, WPB]; for
+    3-bit the plane-1 word of each plane-0 word (hcol), shifted by `shift` ([1, WPB] or [BN, WPB]) so its bits
+    line up, and for the in-place unpack the words' high and low halves."""
+    a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=mask_n[:, None], other=0)
+    if BITS == 3:
+        hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
+                     other=0) >> shift
+        if INPLACE:
+            a_hi = a >> 16
+            h_hi = hs >> 16
+            h_15 = hs << 16
+    else:
+        hs = a  # unread (slot_codes takes it for 3-bit only); dead code after compilation
+    if not (BITS == 3 and INPLACE):
+        a_hi = a
+        h_hi = a
+        h_15 = a
+    return a, hs, a_hi, h_hi, h_15
+
+
+@triton.jit
+def block_grid(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, blk, group_size, HAS_ZEROS: tl.constexpr,
+               ZERO: tl.constexpr, BN: tl.constexpr):
+    """Scale and zero [BN] of the group holding 256-column block blk (groups of whole blocks: GROUP_MODE 1)."""
+    g = (blk * 256) // group_size
+    sb = tl.load(s_ptr + offs_n * stride_s + g, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zb = tl.load(z_ptr + offs_n * stride_z + g, mask=mask_n, other=0).to(tl.float32)
+    else:
+        zb = tl.full((BN,), ZERO, tl.float32)
+    return sb, zb
+
+
+@triton.jit
 def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                  M, N, K, group_size,
                  stride_xm, stride_ym, stride_p0, stride_p1, stride_s, stride_z,
@@ -115,27 +151,11 @@ def qgemm_kernel(x_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
         zn = tl.full((BN,), ZERO, tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     for blk in range(0, tl.cdiv(K, 256)):
-        a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=mask_n[:, None], other=0)
-        if BITS == 3:
-            hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
-                         other=0) >> hsh[None, :]
-            if INPLACE:
-                a_hi = a >> 16
-                h_hi = hs >> 16
-                h_15 = hs << 16
-        else:
-            hs = a  # unread (slot_codes takes it for 3-bit only); dead code after compilation
-        if not (BITS == 3 and INPLACE):
-            a_hi = a
-            h_hi = a
-            h_15 = a
+        a, hs, a_hi, h_hi, h_15 = block_words(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol,
+                                              hsh[None, :], BITS, INPLACE, WPB)
         if GROUP_MODE == 1:
-            g = (blk * 256) // group_size
-            sb = tl.load(s_ptr + offs_n * stride_s + g, mask=mask_n, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zb = tl.load(z_ptr + offs_n * stride_z + g, mask=mask_n, other=0).to(tl.float32)
-            else:
-                zb = tl.full((BN,), ZERO, tl.float32)
+            sb, zb = block_grid(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, blk, group_size, HAS_ZEROS, ZERO,
+                                BN)
         else:
             zb = zn
         part = tl.zeros((BM, BN), dtype=tl.float32)

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantease.kernels.gemm import group_dequant, slot_codes
+from quantease.kernels.gemm import block_grid, block_words, group_dequant, slot_codes
 from quantease.kernels.outliers import ell_add
 
 # (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF]) by M bucket; SPLIT_K 0 = pick_split (wrapper); XPF = x
@@ -152,7 +152,9 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
     # REGA: the weight tile stays float32 from the unpack to a tf32 dot (A in registers, see the module doc)
     dtype = tl.float32 if (IEEE or REGA) else x_ptr.dtype.element_ty
     if REGA and BITS == 3:  # the per-column plane-1 shift as a loaded tile (the hoist needs loads/constants)
-        hsh_t = tl.load(hsh_ptr + q[None, :] + offs_n[:, None] * 0)
+        shift = tl.load(hsh_ptr + q[None, :] + offs_n[:, None] * 0)
+    else:
+        shift = hsh[None, :]
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     if HAS_ZEROS and not XSUM:  # (XSUM: loaded after the loop, not held in registers through it)
         zn = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32)
@@ -162,31 +164,11 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
     blk0 = split * blocks_per_split
     blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
     for blk in range(blk0, blk1):
-        a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=mask_n[:, None], other=0)
-        if BITS == 3:
-            hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
-                         other=0)
-            if REGA:
-                hs = hs >> hsh_t
-            else:
-                hs = hs >> hsh[None, :]
-            if INPLACE:
-                a_hi = a >> 16
-                h_hi = hs >> 16
-                h_15 = hs << 16
-        else:
-            hs = a  # unread (slot_codes takes it for 3-bit only); dead code after compilation
-        if not (BITS == 3 and INPLACE):
-            a_hi = a
-            h_hi = a
-            h_15 = a
+        a, hs, a_hi, h_hi, h_15 = block_words(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol,
+                                              shift, BITS, INPLACE, WPB)
         if GROUP_MODE == 1:
-            g = (blk * 256) // group_size
-            sb = tl.load(s_ptr + offs_n * stride_s + g, mask=mask_n, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zb = tl.load(z_ptr + offs_n * stride_z + g, mask=mask_n, other=0).to(tl.float32)
-            else:
-                zb = tl.full((BN,), ZERO, tl.float32)
+            sb, zb = block_grid(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, blk, group_size, HAS_ZEROS, ZERO,
+                                BN)
             part = tl.zeros((BN, BM), dtype=tl.float32)
             if XSUM:  # the block's zero differs: its own x sum, from the slot tiles the loop loads anyway
                 xa = tl.zeros((WPB, BM), dtype=tl.float32)

@@ -1,0 +1,60 @@
+"""sm_90 SASS of the GEMM kernels, compiled here without a GPU: for refactors that must not change the machine code.
+
+    pip install --target /tmp/t36 --no-deps triton==3.6.0          # the device's Triton (once)
+    PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/sass.py /tmp/sass/after
+    git stash; PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/sass.py /tmp/sass/before; git stash pop
+    for f in /tmp/sass/before/*.sass; do cmp -s $f /tmp/sass/after/${f##*/} || echo ${f##*/}; done
+
+Compiles gemm.qgemm_kernel and gemm_swap.qgemm_swap_kernel (triton.compile of an ASTSource for GPUTarget cuda 90)
+over the constexpr sets below (3-bit asym / sym / groups of blocks / per-element groups, 4-bit; the swap GEMM's
+register-A and 16-bit-A paths, outliers fused), writes each SASS (cuobjdump -sass, instruction text only) to
+OUTDIR/<variant>.sass and prints its instruction count and hash.  The same source compiles to the same SASS
+(checked twice, 2026-12-02)."""
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from quantease.kernels import gemm, gemm_swap
+
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+PTR = dict(x_ptr="*fp16", xt_ptr="*fp16", y_ptr="*fp16", p0_ptr="*i32", p1_ptr="*i32", s_ptr="*fp16", z_ptr="*u8",
+           b_ptr="*fp16", oi_ptr="*i16", ov_ptr="*fp16", hsh_ptr="*i32")
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+
+def build(fn, consts, warps, stages, tag):
+    sig = {a: ("constexpr" if a in consts else PTR.get(a, "i32")) for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in fn.arg_names
+             if a.endswith("_ptr") or a.startswith("stride_") or a == "K"}
+    for a in ("stride_xt", "stride_xtm"):  # may be 1
+        attrs.pop((fn.arg_names.index(a),), None) if a in fn.arg_names else None
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+    # drop addresses/encodings: keep the instruction text
+    lines = [l.split("*/", 1)[1].strip() if "*/" in l else l.strip() for l in sass.splitlines() if "/*" in l]
+    text = "\n".join(lines)
+    open(os.path.join(out, tag + ".sass"), "w").write(text)
+    print(tag, len(lines), hashlib.sha256(text.encode()).hexdigest()[:12], flush=True)
+
+
+base = dict(W0=2, ZERO=4, INPLACE=True, ASM=True, IEEE=False)
+for bits, zeros, mode in ((3, True, 0), (3, True, 1), (3, False, 0), (4, True, 0), (3, True, 2)):
+    c = dict(base, BITS=bits, W0=2 if bits == 3 else bits, ZERO=2 ** (bits - 1), HAS_ZEROS=zeros, GROUP_MODE=mode,
+             HAS_BIAS=False, INPLACE=bits == 3 and mode != 2)
+    build(gemm.qgemm_kernel, dict(c, BM=64, BN=128, GROUP_M=8), 8, 3, f"gemm_b{bits}_z{int(zeros)}_g{mode}")
+    for rega, xpf, outl in ((True, 4, 0), (False, 0, 1), (True, 2, 1)):
+        if rega and mode == 2:
+            continue
+        sc = dict(c, OUTLIERS=outl, REGA=rega, SPLIT=True, ATOMIC=True, BM=16, BN=128, BR=2, XPF=xpf, XBK=256)
+        build(gemm_swap.qgemm_swap_kernel, sc, 4, 1 if rega else 2,
+              f"swap_b{bits}_z{int(zeros)}_g{mode}_r{int(rega)}_x{xpf}_o{outl}")
