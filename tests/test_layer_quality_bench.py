@@ -1,0 +1,42 @@
+"""benchmarks/layer_quality.py's outlier-budget split: feasible, and optimal where every row's curve is convex."""
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import layer_quality  # noqa: E402
+
+
+def convex_rows(n, r, gen):
+    """f[i, c]: decreasing, convex in c (gains shrink), like a row's error against its outlier count."""
+    gains = torch.rand(n, r, generator=gen, dtype=torch.float64).sort(1, descending=True).values
+    start = 5 + torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    return torch.cat([start, start - gains.cumsum(1)], 1)
+
+
+def brute_force(f, budget):
+    n, width = f.shape
+    best = min((sum(float(f[i, c]) for i, c in enumerate(cs)), cs)
+               for cs in itertools.product(range(width), repeat=n) if sum(cs) <= budget)
+    return best[0]
+
+
+def test_split_is_optimal_on_convex_rows():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        f = convex_rows(4, 4, gen)
+        budget = trial % 13
+        counts, total = layer_quality.best_allocation(f, budget)
+        assert int(counts.sum()) <= budget and int(counts.max()) <= 4
+        assert abs(total - float(f[torch.arange(4), counts].sum())) < 1e-9
+        assert abs(total - brute_force(f, budget)) < 1e-9
+
+
+def test_split_respects_budget_on_any_rows():
+    gen = torch.Generator().manual_seed(1)
+    f = torch.rand(50, 7, generator=gen, dtype=torch.float64)  # not monotone, not convex
+    counts, total = layer_quality.best_allocation(f, 60)
+    assert int(counts.sum()) <= 60 and counts.min() >= 0 and counts.max() <= 6
+    assert abs(total - float(f[torch.arange(50), counts].sum())) < 1e-9
