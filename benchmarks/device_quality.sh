@@ -25,8 +25,8 @@
 #   here first (it lands in .dev/qgpu/c2/, which seeds the next run), then call 1 and call 2.
 # Rows are keyed by config + code hash (quality.py): .dev/qgpu/c2/results.json holds the rows of earlier runs
 # (--prep seeds it from benchmarks/results/quality_gpu.json, the committed copy; --render merges each returned
-# results.json there: copy it back to quality_gpu.json when committing the new rows), a run skips only the configs with a row of its code,
-# and its quality.md shows all rows, with the code of each.  After an algorithm change just run again (same
+# results.json there: copy it back to quality_gpu.json when committing the new rows), a run skips only the
+# configs with a row of its code, and its quality.md shows all rows, with the code of each.  After an algorithm change just run again (same
 # SUFFIX): the changed code gets new rows next to the old ones.
 # Env: CONFIGS (comma list, default all in quality.py's order; also what call 1 warms up), CODE_LABEL (what
 #      the code is, e.g. "working tree 11:40: new CD"; kept in each row), SUFFIX (file names quality$SUFFIX.md,

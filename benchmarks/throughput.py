@@ -332,7 +332,6 @@ def table(rows):
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += ["", "| model | mode | weights GiB (vLLM log) | checkpoint GiB | TTFT ms (batch 1) | prefill tok/s | "
               "LLM init s |", "|---|---|---|---|---|---|---|"]
-    vllm_lines = vllm_table(labels, decode, batches)
     for m in labels:
         mr = [r for r in rows if r["model"] == m]
         pre = next((r for r in mr if int(r["new_tokens"]) == 0), {})
@@ -341,7 +340,7 @@ def table(rows):
         lines.append(f"| {m} | {mode} | {fmt(mr[0].get('weights_gib'), '.2f')} | {fmt(mr[0].get('checkpoint_gib'), '.2f')} | "
                      f"{fmt(b1.get('ttft_ms'), '.1f')} | {fmt(pre.get('prefill_tok_s'), '.0f')} | "
                      f"{fmt(mr[0].get('init_s'), '.0f')} |")
-    return "\n".join(lines + vllm_lines)
+    return "\n".join(lines + vllm_table(labels, decode, batches))
 
 
 def vllm_table(labels, decode, batches):
