@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quantease.format import layout  # noqa: E402
 from quantease.quantize import quantize_weight  # noqa: E402
 
 MODEL = ROOT / ".cache/smollm2-135m-instruct"
@@ -258,13 +259,13 @@ def allocation(layers, fraction=0.005, cap=None):
             "|---|---|---|---|---|---|---|---|"]
     for name, (w, s) in layers.items():
         n, k = w.shape
-        r0 = int(fraction * k)
+        r0, budget = layout.outlier_slots(k, fraction), int(fraction * n * k)
         f = torch.stack([row_errors(w, s, method="quantease", outlier_fraction=(r + 0.5) / k if r else 0.0)
                          for r in range((cap or 2 * r0 + 2) + 1)], 1).double()
         base = float((w @ s * w).sum())
-        counts, best = best_allocation(f, int(fraction * n * k))
+        counts, best = best_allocation(f, budget)
         plain, bal = float(f[:, 0].sum()), float(f[:, r0].sum())
-        rows.append(f"| {name} | {n}x{k} | {int(fraction * n * k)} | {plain / base:.5f} | R={r0}: {bal / base:.5f} "
+        rows.append(f"| {name} | {n}x{k} | {budget} | {plain / base:.5f} | R={r0}: {bal / base:.5f} "
                     f"| {bal / plain:.3f} | {int(counts.max())}: {best / base:.5f} | {best / plain:.3f} |")
         print(rows[-1], flush=True)
     return rows

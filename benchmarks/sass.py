@@ -31,14 +31,14 @@ cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/
 
 def build(fn, consts, warps, stages, tag):
     sig = {a: ("constexpr" if a in consts else PTR.get(a, "i32")) for a in fn.arg_names}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in fn.arg_names
-             if a.endswith("_ptr") or a.startswith("stride_") or a == "K"}
-    for a in ("stride_xt", "stride_xtm"):  # may be 1
-        attrs.pop((fn.arg_names.index(a),), None) if a in fn.arg_names else None
+    # 16-divisible pointers, strides and K, as the launches give them (the swap GEMM's x^T strides may be 1)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if (a.endswith("_ptr") or a.startswith("stride_") or a == "K") and a not in ("stride_xt", "stride_xtm")}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"]); f.flush()
+        f.write(k.asm["cubin"])
+        f.flush()
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
     # drop addresses/encodings: keep the instruction text
     lines = [l.split("*/", 1)[1].strip() if "*/" in l else l.strip() for l in sass.splitlines() if "/*" in l]
