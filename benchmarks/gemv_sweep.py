@@ -8,6 +8,10 @@ Llama-3-8B layer shapes and the benchmark shapes, against fp16 F.linear (cuBLAS)
     PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py --hints --shapes 8192x8192,28672x8192,4096x4096,4096x14336 \
         --ms 1 --deadline 170 --out $OUT                                                # session 3, ~3 min
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/gemv_sweep.py --hints --tiny --ms 1 --out /tmp/s
+    PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py --pipe --shapes 8192x8192,28672x8192 --ms 1,2 --out $OUT  # session 4
+
+--pipe (session 4): the same procedure over PIPE_M1 / PIPE_M2: the K loop's loads software-pipelined by triton
+(cp.async into shared memory, prefetch 0) at several depths and step sizes.
 
 --hints (session 3) times, per shape at M = 1, fp16, the default (pick_config) and the candidates of HINT_M1:
 pinned register loads (pin: a barrier keeps ptxas from sinking the next step's loads below the math), L2 / L1
@@ -387,15 +391,39 @@ TINY_HINTS = [((8, 2, 1), {}), ((8, 2, 1), {"pin": True}), ((8, 2, 1), {"lead": 
               ((8, 1, 1), {"pin": True, "prefetch": 2, "lead": 3, "cg": True, "xhint": True})]
 
 
-def hint_jobs(shapes, ms, tiny):
-    """Compile-pool jobs for --hints (explicit configs; with 0.5% outliers only the default: the best candidate's
-    outlier kernel compiles on first use)."""
+# session 4 (--pipe): prefetch 0 and triton's software pipeliner on the K loop (tl.range num_stages = pipe): the
+# words and x of step t + pipe - 1 leave as cp.async copies into shared memory at step t's top (SASS: LDGSTS),
+# holding no registers, so ptxas cannot sink them as it sinks the register prefetch.  Shared memory per 1-warp
+# program: (pipe - 1) x (words 12 BN BKB + x 256 BKB bytes) -- (8, 16, 1) pipe 3 20 KB, pipe 4 30 KB (7 / SM).
+PIPE_M1 = [((8, 16, 1), {}), ((8, 16, 1, 3, 0), {"pipe": 2}), ((8, 16, 1, 3, 0), {"pipe": 3}),
+           ((8, 16, 1, 3, 0), {"pipe": 4}), ((8, 8, 1, 3, 0), {"pipe": 3}), ((8, 8, 1, 3, 0), {"pipe": 4}),
+           ((8, 8, 1, 3, 0), {"pipe": 5}), ((16, 8, 1, 3, 0), {"pipe": 3}), ((16, 8, 1, 3, 0), {"pipe": 4}),
+           ((8, 4, 1, 3, 0), {"pipe": 4}), ((8, 4, 1, 3, 0), {"pipe": 6}), ((4, 16, 1, 3, 0), {"pipe": 3}),
+           ((4, 8, 1, 3, 0), {"pipe": 3}), ((4, 8, 1, 3, 0), {"pipe": 4}), ((32, 4, 1), {}),
+           ((32, 4, 1, 3, 0), {"pipe": 2}), ((32, 4, 1, 3, 0), {"pipe": 3}), ((32, 4, 1, 3, 0), {"pipe": 4}),
+           ((16, 4, 1, 3, 0), {"pipe": 4}), ((16, 16, 2, 3, 0), {"pipe": 3}), ((8, 32, 4, 3, 0), {"pipe": 2}),
+           ((32, 8, 4, 3, 0), {"pipe": 3})]
+PIPE_M2 = [((8, 16, 2), {}), ((8, 16, 2, 3, 0), {"pipe": 3}), ((16, 4, 1), {}), ((16, 4, 1, 3, 0), {"pipe": 3}),
+           ((16, 4, 1, 3, 0), {"pipe": 4}), ((8, 8, 1, 3, 0), {"pipe": 3}), ((8, 8, 1, 3, 0), {"pipe": 4}),
+           ((8, 16, 1, 3, 0), {"pipe": 3})]
+TINY_PIPE = [((8, 2, 1), {}), ((8, 2, 1, 3, 0), {"pipe": 3}), ((8, 1, 1, 3, 0), {"pipe": 4})]
+CANDIDATES = {"hints": (HINT_M1, HINT_M2, TINY_HINTS), "pipe": (PIPE_M1, PIPE_M2, TINY_PIPE)}
+
+
+def candidates(mode, m, tiny):
+    m1, m2, tiny_c = CANDIDATES[mode]
+    return tiny_c if tiny else (m1 if m == 1 else m2)
+
+
+def hint_jobs(shapes, ms, tiny, mode="hints"):
+    """Compile-pool jobs for --hints / --pipe (explicit configs; with 0.5% outliers only the default: the best
+    candidate's outlier kernel compiles on first use)."""
     from quantease.kernels import gemv_half2
 
     jobs = set()
     for n, k in shapes:
         for m in ms:
-            cands = TINY_HINTS if tiny else (HINT_M1 if m == 1 else HINT_M2)
+            cands = candidates(mode, m, tiny)
             for f in ((0.0, FRACTION) if m == 1 else (0.0,)):
                 jobs.add((k, f, m, "half2", gemv_half2.pick_config(m, n, k), ()))
             for cfg, kw in cands:
@@ -403,14 +431,14 @@ def hint_jobs(shapes, ms, tiny):
     return [j[:5] + (dict(j[5]),) for j in sorted(jobs, key=repr)]
 
 
-def hints(log, writer, shapes, ms, device, tiny, deadline):
-    """Session 3's measurements (module docstring, --hints); every number also goes to the CSV."""
+def hints(log, writer, shapes, ms, device, tiny, deadline, mode="hints"):
+    """Session 3's (--hints) or 4's (--pipe) candidates (module docstring); every number also goes to the CSV."""
     from quantease.kernels import dequantize_prepared, gemv_half2
 
     bad = 0
     summary = []
     for m in ms:
-        cands = TINY_HINTS if tiny else (HINT_M1 if m == 1 else HINT_M2)
+        cands = candidates(mode, m, tiny)
         for n, k in shapes:
             if log.elapsed() > deadline:
                 log("deadline reached")
@@ -437,7 +465,7 @@ def hints(log, writer, shapes, ms, device, tiny, deadline):
                 ok = err < 3e-3
                 bad += not ok
                 gbs = (weight_bytes(lay["half2"]) + 2 * m * (n + k)) / us / 1e3
-                writer.writerow(["hints", n, k, m, 0.0, "half2", tag + cfg_name(cfg, kw), f"{us:.2f}", f"{gbs:.0f}",
+                writer.writerow([mode, n, k, m, 0.0, "half2", tag + cfg_name(cfg, kw), f"{us:.2f}", f"{gbs:.0f}",
                                  f"{b / us:.3f}", f"{b:.2f}", f"{err:.2e}"])
                 log(f"  {tag}{cfg_name(cfg, kw):34s} {us:7.2f} us  {b / us:5.2f}x fp16  err {err:.1e}"
                     f"{'' if ok else ' WRONG'}")
@@ -459,7 +487,7 @@ def hints(log, writer, shapes, ms, device, tiny, deadline):
                     t0 = timed([lambda q=q, r=runner("half2", cfg, kw): r(x, q, out0) for q in reps], device)
                     us5, err5 = measure(runner("half2", cfg, kw), lay5["half2"], reps5, x, ref5, device)
                     bad += not err5 < 3e-3
-                    writer.writerow(["hints_outliers", n, k, m, FRACTION, "half2", cfg_name(cfg, kw), f"{us5:.2f}",
+                    writer.writerow([mode + "_outliers", n, k, m, FRACTION, "half2", cfg_name(cfg, kw), f"{us5:.2f}",
                                      "", f"{b / us5:.3f}", f"{b:.2f}", f"paired_0pct={t0:.2f} err={err5:.2e}"])
                     pair.append(f"{t0:.1f} / {us5:.1f}")
                     log(f"  outliers {cfg_name(cfg, kw):28s} 0%: {t0:6.2f}  0.5%: {us5:6.2f} us (+"
@@ -634,6 +662,7 @@ def main():
     ap.add_argument("--ms", default="1,2,4,8")
     ap.add_argument("--focus", action="store_true", help="session 2's probes / candidates / outliers / table")
     ap.add_argument("--hints", action="store_true", help="session 3's pinned loads / cache hints candidates")
+    ap.add_argument("--pipe", action="store_true", help="session 4's cp.async-pipelined K loop candidates")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log = Log(os.path.join(args.out, "gemv_sweep.log"))
@@ -658,8 +687,9 @@ def main():
     jobs = [j[:5] + (dict(j[5]),) for j in jobs]  # sorted by K: a worker keeps one K's proxy weights at a time
     if args.focus:
         jobs = focus_jobs(shapes, tiny)
-    if args.hints:
-        jobs = hint_jobs(shapes, ms, tiny)
+    mode = "pipe" if args.pipe else ("hints" if args.hints else None)
+    if mode:
+        jobs = hint_jobs(shapes, ms, tiny, mode)
     workers = args.workers if args.workers is not None else (max(1, min(14, (os.cpu_count() or 4) - 2))
                                                             if device == "cuda" else 0)
     pool = res = None
@@ -688,12 +718,12 @@ def main():
             log(f"  compile failed: {v} {name} M={m}: {err}")
         log(f"compile: done [{log.elapsed():.0f}s]")
 
-    if args.hints:
+    if mode:
         with open(os.path.join(args.out, "gemv_sweep.csv"), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["phase", "n", "k", "m", "fraction", "variant", "config", "us", "gbs", "speedup_vs_fp16",
                              "fp16_us", "rel_err_or_note"])
-            bad += hints(log, writer, shapes, ms, device, tiny, args.deadline)
+            bad += hints(log, writer, shapes, ms, device, tiny, args.deadline, mode)
         log(f"done [{log.elapsed():.0f}s]; check {'passed' if bad == 0 else 'FAILED'}")
         return 1 if bad else 0
 

@@ -80,6 +80,32 @@ def test_cache_hints_and_pinned_loads(k, m, group_size, config, kw):
     check(y, reference64(x, w, 3, group_size, k, None), torch.float16)
 
 
+@needs_triton
+@pytest.mark.parametrize("k,m,group_size,dtype,config", (
+    (1000, 1, -1, torch.float16, (8, 2, 1, 3, 0, 0, False, False, False, 3)),  # 3 whole steps + masked tail
+    (1000, 2, 128, torch.bfloat16, (8, 1, 2, 3, 0, 0, False, False, False, 4)),  # groups, depth > whole steps
+    (300, 3, -1, torch.float16, (8, 1, 1, 3, 0, 0, False, False, False, 2)),  # BM = 4 rows, asymmetric
+    (100, 1, 64, torch.float16, (8, 2, 1, 3, 0, 0, False, False, False, 3)),  # no whole step: tail only, Q = 2
+))
+def test_software_pipelined_loop(k, m, group_size, dtype, config):
+    # pipe > 1: triton pipelines the K loop's loads (cp.async on a GPU; the interpreter runs the plain loop)
+    w = make_weight(24, k, 3, group_size, 0.02, m == 1, k + m)
+    g = torch.Generator().manual_seed(k + 1)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    p = prepare_half2(*w, 3, group_size, k)
+    out = torch.full((m, 24), float("nan"), dtype=dtype, device=DEVICE)
+    y = gemv_half2.qgemv_half2(x, p, None, out, config=config)
+    check(y, reference64(x, w, 3, group_size, k, None), dtype)
+
+
+def test_pipe_needs_prefetch_zero():
+    w = make_weight(8, 96, 3, -1, 0.0, True, 8, device="cpu")
+    for kw in ({"pipe": 3}, {"pipe": 0, "prefetch": 0}):  # prefetch 1 (the default) and pipe 3; pipe 0
+        with pytest.raises(QuantEaseError, match="pipe="):
+            gemv_half2.qgemv_half2(torch.randn(1, 96).half(), prepare_half2(*w, 3, -1, 96), None,
+                                   torch.empty(1, 8).half(), config=(8, 2, 1), **kw)
+
+
 def test_cache_hint_arguments_checked():
     w = make_weight(8, 96, 3, -1, 0.0, True, 8, device="cpu")
     for kw in ({"lead": -1}, {"lead": 1, "level": 3}):

@@ -39,12 +39,14 @@ from quantease.errors import QuantEaseError
 from quantease.kernels.prepare import half2_from_prepared, half2_supported, half2_words_per_role
 from quantease.kernels.gemv import ell_rows
 
-# Configs: (BN, blocks of 32 Q columns per K step, num_warps[, stages[, prefetch depth[, lead[, pin[, cg[, xhint]]]]]]);
+# Configs: (BN, blocks of 32 Q columns per K step, num_warps[, stages[, prefetch depth[, lead[, pin[, cg[, xhint
+# [, pipe]]]]]]]);
 # stages default 3 (triton's default: no effect here, the loads are register-prefetched), prefetch depth 1 (the
 # next step's words are loaded before this step's math -- in the source: ptxas sinks them to ~70% of the step's
 # SASS unless pin), lead 0 (no cache hints; else L2 prefetch of step t + lead at the loop's top), pin False (a
 # barrier after each step's register loads keeps them at the top: 158 -> 252 registers at (8, 16, 1)), cg False
-# (weights through L1), xhint False (no L1 prefetch of the next step's x); see qgemv_half2.
+# (weights through L1), xhint False (no L1 prefetch of the next step's x), pipe 1 (no cp.async pipeline; > 1 with
+# prefetch 0: the loop's loads go to shared memory pipe - 1 steps ahead); see qgemv_half2.
 # Chosen ahead per shape from the H100 sweep (benchmarks/gemv_sweep.py,
 # benchmarks/results/kernels_gemv.md); no autotuning at call time (CUDA-graph capture, torch.compile).
 #   M = 1: 1-warp programs of 8 rows x 16 blocks (2048 columns per step for Q = 4) were best or within 4% on 8 of
@@ -447,7 +449,7 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                        HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                        PREFETCH: tl.constexpr, EARLY: tl.constexpr, LEAD: tl.constexpr, LEVEL: tl.constexpr,
                        LINES: tl.constexpr, PIN: tl.constexpr, CG: tl.constexpr, XHINT: tl.constexpr,
-                       XL: tl.constexpr,
+                       XL: tl.constexpr, PIPE: tl.constexpr,
                        Q: tl.constexpr, GB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr,
                        BR: tl.constexpr):
     BKW: tl.constexpr = Q * BKB  # words per role per step per row
@@ -496,7 +498,9 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
         _xhint(xw, 0, KH, stride_xw, Mloc, 16 * Q * BKB, XL, BM)
     if HAS_OUTLIERS and EARLY:
         idx0, val0 = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR)
-    for t in range(0, full):
+    # PIPE > 1 (with PREFETCH 0): triton's software pipeliner issues the loads of step t + PIPE - 1 as cp.async
+    # copies into shared memory at step t's top -- bytes in flight without registers, and ptxas cannot sink them
+    for t in tl.range(0, full, num_stages=PIPE):
         if LEAD > 0:  # ptxas sinks the register prefetch below most of the step's math (register pressure);
             if t + LEAD < full:  # a cache hint holds no register, so it stays at the top and DRAM starts early
                 _hint(w_ptr, offs_n, N, stride_w, t + LEAD, SW, LINES, LEVEL)
@@ -552,7 +556,7 @@ def _pairs_ready(x):
 
 
 def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_outliers=None, lead=None, level=2,
-                pin=None, cg=None, xhint=None):
+                pin=None, cg=None, xhint=None, pipe=None):
     """x [M, K] fp16/bf16, prepare_half2's dict p, bias [N] | None, out [M, N] -> out.  Any M (rows of x are
     split into programs of <= 4); meant for M <= ops.GEMV_MAX_M.  config None: pick_config's table for this
     (M, N, K); prefetch (0 / False, 1 / True, 2 steps ahead) overrides the config's depth.  early_outliers: load
@@ -563,7 +567,9 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     L1 (level 1) -- a hint only, so results do not depend on it (CUDA only).  pin: a barrier after the register
     loads of each step, so ptxas cannot sink them below the step's math (None: the config's 7th element, else
     off).  cg: the weight loads skip L1 (.cg); xhint: L1 prefetch of the next step's x at the loop's top (CUDA
-    only); None: the config's 8th / 9th element, else off."""
+    only); None: the config's 8th / 9th element, else off.  pipe: software-pipeline depth of the K loop's loads
+    (cp.async into shared memory, triton's pipeliner; needs prefetch 0; None: the config's 10th element, else 1 =
+    plain loads)."""
     if "words" not in p:
         raise QuantEaseError("qgemv_half2 needs prepare_half2's layout (got a dict without 'words')")
     if not half2_supported(p["bits"], p["group_size"]):
@@ -588,6 +594,10 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     pin = bool(pin) if pin is not None else (bool(rest[3]) if len(rest) > 3 else False)
     cg = bool(cg) if cg is not None else (bool(rest[4]) if len(rest) > 4 else False)
     xhint = bool(xhint) if xhint is not None else (bool(rest[5]) if len(rest) > 5 else False)
+    pipe = int(pipe) if pipe is not None else (rest[6] if len(rest) > 6 else 1)
+    if pipe < 1 or (pipe > 1 and depth != 0):
+        raise QuantEaseError(f"pipe={pipe!r}: a pipeline depth >= 1, and > 1 only with prefetch 0 (the pipeliner "
+                             f"replaces the register prefetch)")
     if lead < 0 or level not in (1, 2):
         raise QuantEaseError(f"cache hint lead={lead!r} level={level!r}: lead >= 0 steps, level 1 or 2")
     bm = 1 if m == 1 else (2 if m == 2 else BM_MAX)
@@ -609,7 +619,7 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
         PER_CHANNEL=p["group_size"] == -1, HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None,
         ASM=x.is_cuda and asm, PREFETCH=depth, EARLY=early_outliers,
         LEAD=lead if x.is_cuda and asm else 0, LEVEL=level, PIN=pin,
-        CG=cg, XHINT=xhint and x.is_cuda and asm, XL=triton.next_power_of_2(max(1, 16 * q * bkb // 32)),
+        CG=cg, XHINT=xhint and x.is_cuda and asm, PIPE=pipe, XL=triton.next_power_of_2(max(1, 16 * q * bkb // 32)),
         LINES=triton.next_power_of_2(triton.cdiv(3 * q * bkb * 4, 128) + 1),
         Q=q, GB=max(1, p["group_size"] // (32 * q)),  # blocks per group (1 for groups of 32, 64, 128)
         BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps, num_stages=stages)
