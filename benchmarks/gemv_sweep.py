@@ -8,7 +8,8 @@ Llama-3-8B layer shapes and the benchmark shapes, against fp16 F.linear (cuBLAS)
     PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py --hints --shapes 8192x8192,28672x8192,4096x4096,4096x14336 \
         --ms 1 --deadline 170 --out $OUT                                                # session 3, ~3 min
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/gemv_sweep.py --hints --tiny --ms 1 --out /tmp/s
-    PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py --pipe --shapes 8192x8192,28672x8192 --ms 1,2 --out $OUT  # session 4
+    PYTHONPATH=$PWD python3 benchmarks/gemv_sweep.py --pipe --shapes 8192x8192,28672x8192,4096x4096,4096x14336 \
+        --ms 1,2 --deadline 330 --out $OUT                                              # session 4, ~1 min
 
 --pipe (session 4): the same procedure over PIPE_M1 / PIPE_M2: the K loop's loads software-pipelined by triton
 (cp.async into shared memory, prefetch 0) at several depths and step sizes.

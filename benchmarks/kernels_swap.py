@@ -114,6 +114,15 @@ QUICK = {
     64: [(64, 128, 8, 3, 0, False, 0), (64, 128, 8, 1, 0, True, 0), (64, 128, 8, 1, 0, True, 2),
          (64, 128, 8, 1, 0, True, 4), (64, 64, 4, 1, 0, True, 4)],
 }
+# --pipe (session 4): the REGA K loop software-pipelined (8th element PIPE; XPF 0), beside the table's configs.
+# sm_90 AOT (triton 3.6, asym): (16, 64, 4) pipe 2 95 regs / 21 KB smem, pipe 3 95 / 37 KB; (16, 128, 4) pipe 2 157 /
+# 33 KB; (32, 64, 4) pipe 2 103 / 30 KB; (64, 128, 8) pipe 2 123 / 61 KB -- every HGMMA keeps register A.
+PIPE_QUICK = {
+    16: [(16, 64, 4, 1, 8, True, 4), (16, 64, 4, 1, 8, True, 0, 2), (16, 64, 4, 1, 8, True, 0, 3),
+         (16, 64, 4, 1, 0, True, 0, 2), (16, 128, 4, 1, 0, True, 0, 2), (16, 64, 4, 1, 16, True, 0, 2)],
+    64: [(64, 128, 8, 1, 0, True, 2), (32, 64, 4, 3, 0, False, 0), (64, 128, 8, 1, 0, True, 0, 2),
+         (32, 64, 4, 1, 0, True, 0, 2), (32, 64, 4, 1, 0, True, 2), (64, 64, 4, 1, 0, True, 0, 2)],
+}
 
 
 def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
@@ -136,7 +145,8 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
                 for dtype in (torch.float16, torch.bfloat16):
                     x = torch.randn(m, k, device=device).to(dtype)
                     out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
-                    y = gemm_swap.qgemm_swap(x, p, None, out, cfg[:7], gather_x=cfg[-1] == "gx")
+                    y = gemm_swap.qgemm_swap(x, p, None, out, cfg[:8] if cfg[-1] != "gx" else cfg[:-1],
+                                             gather_x=cfg[-1] == "gx")
                     ref = x.double() @ w64.t()
                     err = ((y.double() - ref).norm() / ref.norm()).item()
                     ok = bool(torch.isfinite(y).all()) and err < (3e-3 if dtype == torch.float16 else 1.5e-2)
@@ -152,7 +162,7 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
     fp16 = {}
     print(f"\nweights: {'asymmetric (random zeros)' if ASYM else 'symmetric'}")
     print("\n| N x K | M | fp16 us | v3 gemm us | swap table us | " + ("table sym us | " if ASYM else "") + " | ".join(
-        "cand " + str(i) for i in range(6)) + " |", flush=True)
+        "cand " + str(i) for i in range(max(len(c) for c in QUICK.values()))) + " |", flush=True)
     for n, k in shapes:
         p0 = rotate(make_prepared(n, k, 0.0, device)[0])
         p0s = rotate(make_prepared(n, k, 0.0, device, asym=False)[0]) if ASYM else None
@@ -199,6 +209,8 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="v5.1 candidates only (QUICK), ~3 min on an H100")
+    ap.add_argument("--pipe", action="store_true", help="with --quick: session 4's pipelined candidates (PIPE_QUICK)")
+    ap.add_argument("--ms", default=None, help="with --quick: M values (default 4,16,64)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=330.0, help="seconds after which only the table config is timed")
     ap.add_argument("--deadline", type=float, default=420.0, help="seconds after which no new shape is started")
@@ -206,7 +218,7 @@ def main():
     ap.add_argument("--asym", action="store_true", help="asymmetric weights (random per-channel zeros)")
     args = ap.parse_args()
     global ASYM, TAG
-    ASYM, TAG = args.asym, "_asym" if args.asym else ""
+    ASYM, TAG = args.asym, ("_asym" if args.asym else "") + ("_pipe" if args.pipe else "")
     os.makedirs(args.out, exist_ok=True)
     sys.stdout = Tee(os.path.join(args.out, ("swap_quick" if args.quick else "swap") + TAG + ".log"))
     from quantease.kernels import gemm_swap
@@ -234,6 +246,11 @@ def main():
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.quick:
         qs, qm = QUICK_SHAPES, QUICK_MS
+        if args.pipe:
+            QUICK.clear()
+            QUICK.update(PIPE_QUICK)
+        if args.ms:
+            qm = tuple(int(v) for v in args.ms.split(","))
         if args.tiny:
             qs, qm = ((72, 300), (40, 600)), QUICK_MS
         return quick(args, time_kernel, time_fp16, rotate, device, qs, qm)

@@ -55,6 +55,7 @@ for bits, zeros, mode in ((3, True, 0), (3, True, 1), (3, False, 0), (4, True, 0
     for rega, xpf, outl in ((True, 4, 0), (False, 0, 1), (True, 2, 1)):
         if rega and mode == 2:
             continue
-        sc = dict(c, OUTLIERS=outl, REGA=rega, SPLIT=True, ATOMIC=True, BM=16, BN=128, BR=2, XPF=xpf, XBK=256)
+        sc = dict(c, OUTLIERS=outl, REGA=rega, SPLIT=True, ATOMIC=True, BM=16, BN=128, BR=2, XPF=xpf, XBK=256,
+                  PIPE=None)
         build(gemm_swap.qgemm_swap_kernel, sc, 4, 1 if rega else 2,
               f"swap_b{bits}_z{int(zeros)}_g{mode}_r{int(rega)}_x{xpf}_o{outl}")

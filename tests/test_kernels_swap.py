@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from test_kernels import DEVICE, check, make_case, make_weight, needs_triton, reference64  # first: sets TRITON_INTERPRET
+from quantease.errors import QuantEaseError
 from quantease.format import layout
 from quantease.kernels import prepare_weights
 from quantease.kernels import gemm_swap
@@ -128,6 +129,27 @@ def test_wide_tiles(config):  # M tiles and weight tiles that straddle both edge
 @pytest.mark.parametrize("rega,bits", ((True, 3), (False, 3), (True, 4)))
 def test_x_prefetch(xpf, rega, bits):
     run_swap(72, 1100, bits, -1, 0.02, True, 19, torch.float16, True, seed=xpf, config=(16, 64, 4, 1, 2, rega, xpf))
+
+
+# the REGA K loop software-pipelined (PIPE, cp.async on a GPU): sym / asym, groups of whole blocks, 3/4-bit, split-K
+@needs_triton
+@pytest.mark.parametrize("pipe,sym,bits,group_size,m,split", (
+    (2, True, 3, -1, 19, 2), (3, False, 3, -1, 5, 1), (2, False, 3, 512, 16, 3), (3, True, 4, -1, 40, 1)))
+def test_pipelined_register_a(monkeypatch, pipe, sym, bits, group_size, m, split):
+    spy = LaunchSpy(gemm_swap.qgemm_swap_kernel)
+    monkeypatch.setattr(gemm_swap, "qgemm_swap_kernel", spy)
+    bm = 16 if m <= 16 else 64
+    run_swap(72, 1100, bits, group_size, 0.02, sym, m, torch.float16, True, seed=pipe + m,
+             config=(bm, 64, 4, 1, split, True, 0, pipe))
+    assert [(c["REGA"], c["PIPE"]) for c in spy.launches] == [(True, pipe)]
+
+
+def test_pipe_arguments_checked():
+    w = make_weight(8, 256, 3, -1, 0.0, True, 8, device="cpu")
+    p = prepare_weights(*w, 3, -1, 256)
+    for cfg in ((16, 64, 4, 1, 1, True, 2, 2), (16, 64, 4, 1, 1, True, 0, 1)):  # XPF with PIPE; depth 1
+        with pytest.raises(QuantEaseError, match="PIPE="):
+            gemm_swap.qgemm_swap(torch.randn(3, 256).half(), p, None, torch.empty(3, 8).half(), cfg)
 
 
 # fused outliers gathered from x itself (no transposed copy), with an M tile that straddles M, and split-K

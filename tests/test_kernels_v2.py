@@ -136,7 +136,8 @@ def test_config_table_by_shape():
     assert pick(1, 4096, 11008) == (8, 32, 4)  # 86 blocks of 128: ragged
     # ragged counts blocks of 32 q columns: K = 4000 is 32 blocks of 128 (2 whole steps), 125 blocks of 32
     assert pick(1, 4096, 4000) == (8, 16, 1) and pick(1, 4096, 4000, q=1) == (8, 32, 4)
-    assert pick(2, 8192, 8192) == (8, 16, 2) and pick(2, 11008, 4096) == (16, 4, 1)
+    assert pick(2, 8192, 8192) == gemv_half2.M2_PIPELINED == pick(2, 4096, 14336)
+    assert pick(2, 11008, 4096) == (16, 4, 1)
     assert pick(2, 4096, 11008) == (32, 16, 8) and pick(1) == pick(1, 8192, 8192)
     with pytest.raises(QuantEaseError, match="prefetch depth"):
         w = make_weight(8, 96, 3, -1, 0.0, True, 8, device="cpu")

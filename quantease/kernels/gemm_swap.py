@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantease.errors import QuantEaseError
 from quantease.kernels.gemm import block_grid, block_words, group_dequant, slot_codes
 from quantease.kernels.outliers import ell_add
 
@@ -129,7 +130,8 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                       GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr,
                       INPLACE: tl.constexpr, ASM: tl.constexpr, IEEE: tl.constexpr, REGA: tl.constexpr,
                       SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, XPF: tl.constexpr, XBK: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, XPF: tl.constexpr, XBK: tl.constexpr,
+                      PIPE: tl.constexpr):
     # GROUP_MODE 0: per channel; 1: groups of whole 256-column blocks; 2: per element
     PW: tl.constexpr = 32 // W0  # code slots per word
     # asymmetric on the REGA path: the loop sums (c - ZERO) x as for a symmetric grid (the unpack cannot take a
@@ -163,7 +165,7 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
     x_cols = x_ptr + offs_m[None, :] * stride_xm  # x^T tile [WPB, BM]: x read with strides, K along dim 0
     blk0 = split * blocks_per_split
     blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
-    for blk in range(blk0, blk1):
+    for blk in tl.range(blk0, blk1, num_stages=PIPE):
         a, hs, a_hi, h_hi, h_15 = block_words(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol,
                                               shift, BITS, INPLACE, WPB)
         if GROUP_MODE == 1:
@@ -300,17 +302,25 @@ def rega_ok(p, x):
 
 def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, asm=True, gather_x=None):
     """x [M, K] (stride(1) == 1), prepared dict p, bias [N] | None, out [M, N] -> out (same contract as
-    gemm.qgemm).  config = (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF]) overrides the table (SPLIT_K 0:
-    auto; REGA falls back to the 16-bit A path where rega_ok is False; XPF: x slot tiles loaded that many slots
-    ahead, 0..4)."""
+    gemm.qgemm).  config = (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF[, PIPE]]) overrides the table
+    (SPLIT_K 0: auto; REGA falls back to the 16-bit A path where rega_ok is False; XPF: x slot tiles loaded that
+    many slots ahead, 0..4; PIPE: the REGA path's K loop software-pipelined that deep by triton -- words and x slot
+    tiles as cp.async copies into shared memory, the unpacked weight still the register A operand -- None: off)."""
     m, k = x.shape
     n = p["out_features"]
     cfg = tuple(config or pick_config(m))
     bm, bn, warps, stages, split, rega = cfg[:6]
     xpf = cfg[6] if len(cfg) > 6 else 0
+    pipe = cfg[7] if len(cfg) > 7 else None
     rega = rega and rega_ok(p, x)
     if rega:
-        stages = 1  # the pipeliner moves the unpack back in front of a shared-memory round trip
+        # the launch-wide pipeliner moves the unpack back in front of a shared-memory round trip; a depth on the
+        # K loop itself (PIPE) keeps the register-A operand (sm_90 AOT: 32 / 32 HGMMA with register A)
+        stages = 1
+    else:
+        pipe = None
+    if pipe is not None and (pipe < 2 or xpf):
+        raise QuantEaseError(f"swap GEMM PIPE={pipe!r}: a depth >= 2, with XPF 0 (the pipeliner loads x ahead)")
     on_cuda = x.is_cuda
     if split == 0:
         target = SPLIT_TARGET_REGA if rega else SPLIT_TARGET
@@ -349,7 +359,7 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
         GROUP_MODE=mode, HAS_BIAS=bias is not None, OUTLIERS=outliers,
         INPLACE=inplace and bits == 3 and mode != 2, ASM=asm and on_cuda,
         IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not on_cuda and not rega), REGA=rega,
-        SPLIT=split > 1, ATOMIC=on_cuda, BM=bm, BN=bn, BR=br, XPF=xpf, XBK=xbk, num_warps=warps,
+        SPLIT=split > 1, ATOMIC=on_cuda, BM=bm, BN=bn, BR=br, XPF=xpf, XBK=xbk, PIPE=pipe, num_warps=warps,
         num_stages=stages)
     if outliers == 2:
         ell_add(x, oi, ov, out)

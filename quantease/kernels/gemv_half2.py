@@ -53,9 +53,14 @@ from quantease.kernels.gemv import ell_rows
 #   the 9 shapes; long N (>= 16384, 28672 x 4096 / 8192) wants narrower steps (32, 4, 1): 40.5 vs 42.1 us; a K
 #   that is not a whole number of 16-block steps (4096 x 11008: 86 blocks) pays a masked tail step on 1/6 of K:
 #   (8, 32, 4) 11.0 vs (8, 16, 1) 14.5 us.
-#   M = 2: (8, 16, 2) best on 5 shapes; long N (>= 10000) (16, 4, 1); ragged K (32, 16, 8) 14.8 vs 18.1 us.
+#   M = 2: 1-warp programs of 8 rows x 8 blocks, loop software-pipelined 3 deep (H200, gemv_sweep --pipe,
+#   results/kernels_gemv.md): 4096 x 4096 8.7 vs 11.3 us for the old (8, 16, 2), 4096 x 14336 21.7 vs 33.5, 8192^2
+#   24.6 vs 26.0; long N (>= 10000) keeps (16, 4, 1) (28672 x 8192: 70.3 vs 76.8 pipelined); ragged K (32, 16, 8)
+#   (14.8 vs 18.1 us on the H100; not re-measured pipelined).  At M = 1 the pipelined loop lost on every shape
+#   (8192^2 16.1-20.5 vs 13.1 us).
 #   M >= 3: not tuned (ops.py sends M >= 3 to the tensor-core GEMM); the most frequent M = 4 winner.
 BM_MAX = 4  # rows of x per program; more rows -> more programs per row block
+M2_PIPELINED = (8, 8, 1, 3, 0, 0, False, False, False, 3)  # prefetch 0, pipe 3
 LONG_N_M1, LONG_N_M2 = 16384, 10000
 
 
@@ -71,7 +76,7 @@ def pick_config(m, n=None, k=None, q=4):
     if m == 2:
         if ragged:
             return (32, 16, 8)
-        return (16, 4, 1) if long_n and n >= LONG_N_M2 else (8, 16, 2)
+        return (16, 4, 1) if long_n and n >= LONG_N_M2 else M2_PIPELINED
     return (8, 16, 2)
 
 
