@@ -93,10 +93,10 @@ def run_one(args):
         marks[-1]["quantized"] = time.time()
         return out
 
-    def save_block(pdir, fingerprint, i, results, rows, next_inputs):
+    def save_block(pdir, fingerprint, i, results, rows, *rest):  # rest: the next block's inputs (both streams)
         sync()
         marks[-1]["outputs"] = time.time()
-        orig_save(pdir, fingerprint, i, results, rows, next_inputs)
+        orig_save(pdir, fingerprint, i, results, rows, *rest)
         m = marks[-1]
         m.update(end=time.time(), block=i, quantize_weight_s=sum(r["seconds"] for r in rows.values()))
         m.update(seconds=m["end"] - m["start"], save_s=m["end"] - m["outputs"])

@@ -1,5 +1,7 @@
 """benchmarks/throughput.py and quant_time.py helpers: the synthetic checkpoints are real ones, the arithmetic holds."""
+import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,3 +89,17 @@ def test_quant_time_extrapolation():
     cut = quant_time.summarize(dict(res, status="cut (deadline)", blocks=res["blocks"][:1]), 3, "")
     assert cut["per_block_s"] == 30.0 and "extrapolated_32_s" not in cut
     json.dumps(row)
+
+
+def test_quant_time_runs_the_pipeline(tmp_path):
+    # the timing wrappers stand in for pipeline.quantize_block / save_block: they must keep up with the pipeline's
+    # signatures (save_block gained the fp-target stream; the old wrapper failed every method on the H200 run)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_time.py"
+    r = subprocess.run([sys.executable, str(script), "--tiny", "--methods", "gptq,quantease", "--blocks", "2",
+                        "--work", str(tmp_path / "w"), "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(tmp_path / "quant_time.csv") as f:
+        rows = {row["method"]: row for row in csv.DictReader(f)}
+    assert {m: rows[m]["status"] for m in rows} == {"gptq": "done", "quantease": "done"}
+    assert all(int(rows[m]["blocks_done"]) == 2 for m in rows)
