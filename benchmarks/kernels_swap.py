@@ -124,6 +124,18 @@ PIPE_QUICK = {
          (32, 64, 4, 1, 0, True, 0, 2), (32, 64, 4, 1, 0, True, 2), (64, 64, 4, 1, 0, True, 0, 2)],
 }
 
+# --mma2 (session 4, prepared, not yet run): 1-warp programs on the 16-bit path.  A dot in a 1-warp program cannot be a
+# wgmma (warp groups of 4), so triton emits mma.sync (HMMA.16816) with BOTH operands in registers: sm_90 AOT (triton
+# 3.6, asym, fp16): (16, 16, 1, stages 1) 100 registers, no spills, no STS / BAR in the loop (x^T fragments loaded
+# straight from global), 816 instructions per 4096-weight block iteration; (16, 16, 1) + fused outliers 96;
+# (16, 32, 1) 175; (64, 16, 1) 168; (16, 16, 1, stages 3) 123 with cp.async x / words.  Table entries first.
+MMA2_QUICK = {
+    16: [(16, 64, 4, 1, 8, True, 4), (16, 16, 1, 1, 4, False), (16, 16, 1, 1, 8, False), (16, 16, 1, 3, 4, False),
+         (16, 32, 1, 1, 4, False), (16, 16, 1, 1, 2, False)],
+    64: [(64, 128, 8, 1, 0, True, 2), (32, 64, 4, 1, 0, True, 2), (32, 16, 1, 1, 4, False), (64, 16, 1, 1, 4, False),
+         (64, 16, 1, 1, 2, False), (32, 16, 1, 1, 8, False)],
+}
+
 
 def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
     """Correctness of every candidate (fp16 + bf16, 0.5% outliers, NaN-poisoned out) on the first two shapes,
@@ -210,6 +222,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="v5.1 candidates only (QUICK), ~3 min on an H100")
     ap.add_argument("--pipe", action="store_true", help="with --quick: session 4's pipelined candidates (PIPE_QUICK)")
+    ap.add_argument("--mma2", action="store_true", help="with --quick: 1-warp mma.sync candidates (MMA2_QUICK)")
     ap.add_argument("--ms", default=None, help="with --quick: M values (default 4,16,64)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=330.0, help="seconds after which only the table config is timed")
@@ -218,7 +231,8 @@ def main():
     ap.add_argument("--asym", action="store_true", help="asymmetric weights (random per-channel zeros)")
     args = ap.parse_args()
     global ASYM, TAG
-    ASYM, TAG = args.asym, ("_asym" if args.asym else "") + ("_pipe" if args.pipe else "")
+    ASYM = args.asym
+    TAG = "".join(t for t, on in (("_asym", args.asym), ("_pipe", args.pipe), ("_mma2", args.mma2)) if on)
     os.makedirs(args.out, exist_ok=True)
     sys.stdout = Tee(os.path.join(args.out, ("swap_quick" if args.quick else "swap") + TAG + ".log"))
     from quantease.kernels import gemm_swap
@@ -246,9 +260,9 @@ def main():
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.quick:
         qs, qm = QUICK_SHAPES, QUICK_MS
-        if args.pipe:
+        if args.pipe or args.mma2:
             QUICK.clear()
-            QUICK.update(PIPE_QUICK)
+            QUICK.update(PIPE_QUICK if args.pipe else MMA2_QUICK)
         if args.ms:
             qm = tuple(int(v) for v in args.ms.split(","))
         if args.tiny:

@@ -144,6 +144,16 @@ def test_pipelined_register_a(monkeypatch, pipe, sym, bits, group_size, m, split
     assert [(c["REGA"], c["PIPE"]) for c in spy.launches] == [(True, pipe)]
 
 
+# 1-warp programs on the 16-bit path: triton emits mma.sync (no wgmma in one warp) with both operands in registers;
+# M tiles 16 / 32 / 64 x 16 rows, split-K 4 / 2 (atomics), asym and sym, fp16 and bf16, fused outliers
+@needs_triton
+@pytest.mark.parametrize("m,dtype,sym,config", (
+    (5, torch.float16, False, (16, 16, 1, 1, 4, False)), (16, torch.bfloat16, True, (16, 16, 1, 3, 2, False)),
+    (30, torch.float16, False, (32, 16, 1, 1, 4, False)), (65, torch.bfloat16, False, (64, 16, 1, 1, 2, False))))
+def test_one_warp_mma_sync_configs(m, dtype, sym, config):
+    run_swap(72, 1100, 3, -1, 0.02, sym, m, dtype, True, seed=m, config=config, fused=True)
+
+
 def test_pipe_arguments_checked():
     w = make_weight(8, 256, 3, -1, 0.0, True, 8, device="cpu")
     p = prepare_weights(*w, 3, -1, 256)
