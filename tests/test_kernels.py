@@ -213,7 +213,7 @@ def test_groups_of_whole_blocks(bits, m):  # group_size % 256 == 0: the GEMM's s
 
 @needs_triton
 @pytest.mark.parametrize("bits,group_size,sym", ((3, -1, True), (3, 64, False), (2, 256, False), (4, -1, False)))
-def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M >= gemm.DEQUANT_MIN_M takes this path
+def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M > ops.SWAP_MAX_M takes this path
     from quantease.kernels import gemm
 
     w = make_weight(40, 300, bits, group_size, 0.03, sym, 30 + bits)
@@ -225,6 +225,10 @@ def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M >= gemm.DEQU
     out = torch.full((7, 40), float("nan"), device=DEVICE)
     b = torch.randn(40).to(DEVICE)
     check(gemm.dequant_matmul(x, p, b, out), reference64(x, w, bits, group_size, 300, b), torch.float32)
+    for dtype in (torch.float16, torch.bfloat16):  # the outliers scattered into the weight rounded to x's dtype
+        xd, bd = x.to(dtype), b.to(dtype)
+        out = torch.full((7, 40), float("nan"), device=DEVICE, dtype=dtype)
+        check(gemm.dequant_matmul(xd, p, bd, out), reference64(xd, w, bits, group_size, 300, bd), dtype)
 
 
 @needs_triton

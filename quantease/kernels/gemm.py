@@ -10,8 +10,9 @@ and groups of whole blocks (group_size % 256 == 0) the scale multiplies the fp32
 rounding s * (c - z) to 16 bits.  Other group sizes dequantize per element.  Outliers are added after the K
 loop by a second launch (kernels/outliers.py), which reads x transposed so that the gathers are wide.
 
-For M >= DEQUANT_MIN_M (CUDA) the dispatcher instead dequantizes the weight once (dequant_kernel, same unpack)
-and calls cuBLAS: at M = 256 that measured 1.4-2.5x faster than this fused kernel on the H100.
+For M > ops.SWAP_MAX_M (CUDA) the dispatcher instead dequantizes the weight once (dequant_kernel, same unpack),
+scatters the outliers into it and calls cuBLAS (dequant_matmul): at M = 256 that measured 1.4-2.5x faster than
+this fused kernel on the H100, 1.7-2.5x on the H200.
 """
 import torch
 import triton
@@ -218,9 +219,8 @@ def qgemm(x, p, bias, out, config=None, inplace=True, asm=True):
 
 
 # ---- large M: dequantize once to x's dtype, then cuBLAS ----------------------------------------------------------
-# At M >= DEQUANT_MIN_M the fused kernel's per-tile unpack (redone for every BM rows) costs more than writing the
-# dense weight once and handing it to cuBLAS (benchmarks/kernels.py measured the crossover on the H100).
-DEQUANT_MIN_M = 128
+# Above ops.SWAP_MAX_M rows the fused kernels' per-tile unpack (redone for every BM rows) costs more than writing
+# the dense weight once and handing it to cuBLAS (benchmarks/kernels.py, kernels_swap.py measured the crossover).
 DQ_BN = 32
 
 
@@ -280,12 +280,15 @@ def dequantize(p, dtype):
 
 
 def dequant_matmul(x, p, bias, out):
-    """Large-M path: dense weight (this call only) + torch.matmul (cuBLAS), then the outlier add."""
+    """Large-M path: dense weight (this call only) with the outliers scattered into it, then one cuBLAS call.
+    Scattering costs N x R adds; adding x @ H^T after the GEMM (the ELL kernel, the small-M epilogues) costs
+    M x N x R gathers: +21-55% at M = 256 on the H200 (results/kernels_h200.md), more at prefill's M in the
+    thousands.  The outlier lands on the weight rounded to x's dtype: one more rounding of those few elements."""
     w = dequantize(p, x.dtype)
-    torch.matmul(x, w.t(), out=out)
-    del w
+    if p["outlier_idx"] is not None:  # padding slots (index 0, value 0) add exact zeros
+        w.scatter_add_(1, p["outlier_idx"].long(), p["outlier_val"].to(w.dtype))
     if bias is not None:
-        out += bias
-    if p["outlier_idx"] is not None:
-        ell_add(x, p["outlier_idx"], p["outlier_val"], out)
+        torch.addmm(bias.to(out.dtype), x, w.t(), out=out)
+    else:
+        torch.matmul(x, w.t(), out=out)
     return out
