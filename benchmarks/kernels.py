@@ -2,11 +2,13 @@
 
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --check --sweep --bench --out $OUT
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --variant half2 --out $OUT   # GEMV v1 vs v2, M <= 4
-    python benchmarks/kernels.py --plot benchmarks/results/kernels.csv     # anywhere with matplotlib
+    python benchmarks/kernels.py --plot benchmarks/results/kernels.csv --note "H200, 2026-12-02"   # matplotlib
 
 Timing: every variant is captured in a CUDA graph that calls it once per weight copy, the copies rotating over
 >= 512 MB so that L2 (50 MB) is cold; median over graph replays, divided by the copies per replay.
-GB/s counts the bytes a call must move: packed weight + scales/zeros + outlier slots + x + y.
+GB/s counts the bytes a call must move: the code layout it reads (half2 words for the GEMV, bit planes above) +
+scales/zeros + outlier slots + x + y (before 2026-12-02 11:30 UTC it counted both code layouts: results/kernels.csv's
+gbs column, run earlier that day, is ~2x too high on the weight part).
 """
 import argparse
 import csv
@@ -46,8 +48,19 @@ def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0):
 
 
 def weight_bytes(p):
+    """Every tensor of the prepared dict (both code layouts when the half2 words are there): what a copy holds."""
     return sum(t.numel() * t.element_size() for name, t in p.items()
                if isinstance(t, torch.Tensor))
+
+
+def call_bytes(p, m):
+    """What one call of the default dispatch reads of the weight: the half2 words at M <= ops.GEMV_MAX_M (where
+    they exist), else the bit planes -- never both -- plus scales, zeros and outlier slots."""
+    from quantease.kernels import ops
+
+    codes = ("words",) if m <= ops.GEMV_MAX_M and p.get("words") is not None else ("plane0", "plane1")
+    names = codes + ("scales", "zeros", "outlier_idx", "outlier_val")
+    return sum(p[t].numel() * p[t].element_size() for t in names if p.get(t) is not None)
 
 
 def copies(p, count):
@@ -199,11 +212,10 @@ def bench(args, writer):
     for n, k in args.shapes:
         for fraction in args.fractions:
             p, _ = make_prepared(n, k, 3, -1, fraction)
-            wb = weight_bytes(p)
             for m in MS:
                 base = time_fp16(n, k, m, fp16)
                 us = time_kernel(p, m, run_default)
-                gbs = (wb + 2 * m * (n + k)) / us / 1e3
+                gbs = (call_bytes(p, m) + 2 * m * (n + k)) / us / 1e3
                 rows.append((n, k, m, fraction, us, gbs, base))
                 writer.writerow(["bench", n, k, m, fraction, "default", f"{us:.2f}", f"{gbs:.0f}", f"{base / us:.3f}",
                                  f"{base:.2f}"])
@@ -288,7 +300,7 @@ def half2_variant(args, writer, shapes=SHAPES, device="cuda"):
             del p, p2
 
 
-def plot(path, png):
+def plot(path, png, note=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -307,6 +319,8 @@ def plot(path, png):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("speedup over fp16 F.linear")
     axes[0].legend(fontsize=8)
+    if note:
+        fig.suptitle(note, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"wrote {png}")
@@ -319,6 +333,7 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--plot", metavar="CSV")
+    ap.add_argument("--note", default="", help="--plot: subtitle (machine, date)")
     ap.add_argument("--variant", choices=("half2",), help="also compare GEMV v1 with this variant (M <= 4)")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="--bench: NxK,NxK,...")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="--bench: outlier fractions")
@@ -326,7 +341,7 @@ def main():
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]
     if args.plot:
-        plot(args.plot, os.path.join(os.path.dirname(__file__), "plots", "kernels_speedup.png"))
+        plot(args.plot, os.path.join(os.path.dirname(__file__), "plots", "kernels_speedup.png"), args.note)
         return
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
