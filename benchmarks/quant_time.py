@@ -2,6 +2,13 @@
 
     python3 benchmarks/quant_time.py --blocks 2 --out $OUT                      # GPU: 8B-shape blocks
     .venv/bin/python benchmarks/quant_time.py --tiny --out /tmp/qt             # CPU smoke run
+    S=$(date +%s); python3 benchmarks/quant_time.py --resume --blocks 32 --methods quantease \
+        --work /tmp/qtfull --out $OUT --deadline $((S + 570))                  # GPU: the whole model, measured
+
+--resume keeps --work between calls: the same line, run again on the same (warm) machine, reuses the model and
+continues a method cut by the deadline at the pipeline's last saved block; the method's time is then the sum of
+its calls (each resume pays one more model load and calibration capture, ~15-20 s on the H200).  Estimate for the
+whole 8B shape with quantease on an H200: ~100 s to make the model + 32 x 31 s + ~20 s per call = ~3 device calls.
 
 A full 8B run per method does not fit the device budget, so the model is the Llama-3-8B architecture cut to
 --blocks decoder blocks (same embeddings, lm_head and block shapes; synthetic random weights, made where it
@@ -78,10 +85,20 @@ def make_model(out, blocks, tiny, nsamples, seqlen, seed=0):
 def run_one(args):
     from quantease.quantize import pipeline
 
-    marks, state = [], {}
+    marks, state = [], {"calls": []}
+    prev = json.loads(Path(args.json).read_text()) if args.resume and Path(args.json).exists() else None
+    if prev is not None and prev["status"] != "done":  # an earlier call was cut: keep its finished blocks
+        marks = [b for b in prev["blocks"] if "end" in b]
+        state.update(calls=prev.get("calls", []), peak_gib=prev.get("peak_gib"))
+    call = dict(first_block=len(marks))
+    state["calls"].append(call)
 
     def dump(status):
-        Path(args.json).write_text(json.dumps(dict(method=args.one, status=status, blocks=marks, **state), indent=1))
+        call["wall_s"] = time.time() - t0  # this call so far; total_s = every call's wall time
+        state["total_s"] = sum(c.get("wall_s", 0.0) for c in state["calls"])
+        tmp = Path(args.json + ".tmp")  # the parent may kill this process at its deadline: never a torn file
+        tmp.write_text(json.dumps(dict(method=args.one, status=status, blocks=marks, **state), indent=1))
+        os.replace(tmp, args.json)
 
     orig_qb, orig_save = pipeline.quantize_block, pipeline.save_block
 
@@ -100,19 +117,20 @@ def run_one(args):
         m = marks[-1]
         m.update(end=time.time(), block=i, quantize_weight_s=sum(r["seconds"] for r in rows.values()))
         m.update(seconds=m["end"] - m["start"], save_s=m["end"] - m["outputs"])
-        state["peak_gib"] = peak_gib()
+        state["peak_gib"] = max(filter(None, (state.get("peak_gib"), peak_gib())), default=None)
         dump("running")
 
     pipeline.quantize_block, pipeline.save_block = quantize_block, save_block
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    state["start"] = t0
+    call["start"] = t0
     dump("running")
     opts = dict(METHODS[args.one])
+    # the pipeline resumes from its partial folder by itself when the model files and options are unchanged
     pipeline.quantize_model(args.model, args.qout, calib_spec=args.calib, nsamples=args.nsamples,
                             seqlen=args.seqlen, device=args.device, seed=0, overwrite=True, progress=True, **opts)
-    state.update(total_s=time.time() - t0, peak_gib=peak_gib())
+    state["peak_gib"] = max(filter(None, (state.get("peak_gib"), peak_gib())), default=None)
     dump("done")
 
 
@@ -131,7 +149,7 @@ def summarize(res, nblocks, calib):
     """Row of the table from one method's JSON: per-block mean, fixed part, extrapolated 32-block total."""
     done = [b for b in res.get("blocks", []) if "end" in b]
     row = dict(method=res["method"], status=res["status"], blocks_done=len(done), blocks_model=nblocks,
-               peak_gib=res.get("peak_gib"), calib=calib)
+               peak_gib=res.get("peak_gib"), calib=calib, calls=len(res.get("calls", [None])))
     if not done:
         return row
     steady = done[1:] if len(done) > 1 else done
@@ -143,6 +161,8 @@ def summarize(res, nblocks, calib):
         fixed = res["total_s"] - sum(b["seconds"] for b in done)
         row.update(total_s=res["total_s"], fixed_s=fixed,
                    extrapolated_32_s=fixed + done[0]["seconds"] + (FULL_BLOCKS - 1) * per_block)
+        if nblocks == FULL_BLOCKS:  # the whole model ran: its total is measured (a resume pays one more load)
+            row["measured_32_s"] = res["total_s"]
     return row
 
 
@@ -152,15 +172,17 @@ def fmt(x, spec):
 
 def table(rows):
     lines = ["| method | blocks timed | s / block (mean) | first block s | quantize_weight s / block | save s / block "
-             "| fixed s | cut-model total s | 32-block total (extrapolated) | peak GPU GiB |",
+             "| fixed s | cut-model total s | 32-block total (extrapolated, or measured) | peak GPU GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ext = r.get("extrapolated_32_s")
+        ext, meas = r.get("extrapolated_32_s"), r.get("measured_32_s")
+        total = (f"{meas:.0f} s = {meas / 60:.1f} min MEASURED ({r['calls']} call(s))" if meas is not None else
+                 "" if ext is None else f"{ext:.0f} s = {ext / 60:.1f} min")
         lines.append(f"| {r['method']} | {r['blocks_done']}/{r['blocks_model']} ({r['status']}) | "
                      f"{fmt(r.get('per_block_s'), '.1f')} | {fmt(r.get('first_block_s'), '.1f')} | "
                      f"{fmt(r.get('quantize_weight_s'), '.1f')} | {fmt(r.get('save_s'), '.1f')} | "
                      f"{fmt(r.get('fixed_s'), '.1f')} | {fmt(r.get('total_s'), '.1f')} | "
-                     f"{'' if ext is None else f'{ext:.0f} s = {ext / 60:.1f} min'} | {fmt(r.get('peak_gib'), '.1f')} |")
+                     f"{total} | {fmt(r.get('peak_gib'), '.1f')} |")
     by = {r["method"]: r.get("per_block_s") for r in rows}
     if by.get("gptq") and by.get("quantease"):
         lines.append(f"\nquantease / gptq time per block: {by['quantease'] / by['gptq']:.2f}x (target <= 3x)")
@@ -180,6 +202,9 @@ def main():
     p.add_argument("--work", default="/tmp/quantease-quant-time")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--deadline", type=float, default=None, help="unix time by which every method must stop")
+    p.add_argument("--resume", action="store_true",
+                   help="keep --work between calls: reuse its model, continue a method cut by a deadline (the "
+                        "pipeline resumes at its last saved block) and add this call's time to it")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child: run this method
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--calib", help=argparse.SUPPRESS)
@@ -197,39 +222,63 @@ def main():
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    calib = make_model(work / "model", args.blocks, args.tiny, args.nsamples, args.seqlen)
-    print(f"[quant_time] cut model ({args.blocks} blocks) + calibration text in {time.time() - t0:.0f}s", flush=True)
+    made = dict(blocks=args.blocks, tiny=args.tiny, nsamples=args.nsamples, seqlen=args.seqlen)
+    stamp = work / "model.json"
+    if args.resume and stamp.exists() and json.loads(stamp.read_text()) == made:
+        calib = work / "model" / "calib.txt"  # the same files (same mtimes): the pipeline's resume accepts them
+        print(f"[quant_time] --resume: reusing {work / 'model'}", flush=True)
+    else:
+        stamp.unlink(missing_ok=True)
+        for old in work.glob("quant_time_*.json"):  # timings of another model
+            old.unlink()
+        calib = make_model(work / "model", args.blocks, args.tiny, args.nsamples, args.seqlen)
+        stamp.write_text(json.dumps(made))
+        print(f"[quant_time] cut model ({args.blocks} blocks) + calibration text in {time.time() - t0:.0f}s",
+              flush=True)
     rows = []
     for m in methods:
+        tag = m.replace("+", "_")
+        js = work / f"quant_time_{tag}.json"  # in the work folder: a --resume call (new $OUT) continues it
+        res = json.loads(js.read_text()) if args.resume and js.exists() else None
         left = None if args.deadline is None else args.deadline - time.time()
-        if left is not None and left < 30:
+        if res is not None and res["status"] == "done":
+            print(f"[quant_time] {m}: done by an earlier call", flush=True)
+        elif left is not None and left < 30:
             print(f"[quant_time] {m}: skipped, {left:.0f}s left before the deadline")
             continue
-        js = out / f"quant_time_{m.replace('+', '_')}.json"
-        cmd = [sys.executable, __file__, "--one", m, "--model", str(work / "model"), "--calib", str(calib),
-               "--qout", str(work / f"q_{m.replace('+', '_')}"), "--json", str(js),
-               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-        cmd += ["--device", args.device] if args.device else []
-        t = time.time()
-        try:
-            rc = subprocess.run(cmd, timeout=left).returncode
-        except subprocess.TimeoutExpired:
-            rc = "deadline"
-        print(f"[quant_time] {m}: rc={rc} after {time.time() - t:.0f}s", flush=True)
-        if js.exists():
-            res = json.loads(js.read_text())
-            if rc != 0 and res["status"] != "done":
+        else:
+            if not args.resume:
+                js.unlink(missing_ok=True)
+            cmd = [sys.executable, __file__, "--one", m, "--model", str(work / "model"), "--calib", str(calib),
+                   "--qout", str(work / f"q_{tag}"), "--json", str(js),
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+            cmd += ["--device", args.device] if args.device else []
+            cmd += ["--resume"] if args.resume else []
+            t = time.time()
+            try:
+                rc = subprocess.run(cmd, timeout=left).returncode
+            except subprocess.TimeoutExpired:
+                rc = "deadline"
+            print(f"[quant_time] {m}: rc={rc} after {time.time() - t:.0f}s", flush=True)
+            res = json.loads(js.read_text()) if js.exists() else None
+            if res is not None and rc != 0 and res["status"] != "done":
                 res["status"] = f"cut ({rc})"
+                js.write_text(json.dumps(res, indent=1))
+        if res is not None:
+            shutil.copy(js, out / js.name)
             rows.append(summarize(res, args.blocks, f"{args.nsamples} x {args.seqlen}"))
-        shutil.rmtree(work / f"q_{m.replace('+', '_')}", ignore_errors=True)
-        shutil.rmtree(work / f"q_{m.replace('+', '_')}.partial", ignore_errors=True)
+        if not args.resume or (res is not None and res["status"] == "done"):  # --resume keeps a cut run's state
+            shutil.rmtree(work / f"q_{tag}", ignore_errors=True)
+            shutil.rmtree(work / f"q_{tag}.partial", ignore_errors=True)
         with open(out / "quant_time.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
             w.writeheader()
             w.writerows(rows)
     shape = "tiny Llama" if args.tiny else "Llama-3-8B shape"
+    how = ("the whole model ran: totals MEASURED (over every call of a --resume run)" if args.blocks == FULL_BLOCKS
+           else "32-block totals are EXTRAPOLATED (fixed + first + 31 x mean of later blocks)")
     print(f"\nQuantization time, {shape} cut to {args.blocks} blocks, {args.nsamples} x {args.seqlen} "
-          f"calibration tokens; 32-block totals are EXTRAPOLATED (fixed + first + 31 x mean of later blocks):")
+          f"calibration tokens; {how}:")
     print(table(rows))
     return 0 if rows else 1
 

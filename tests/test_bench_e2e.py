@@ -1,6 +1,7 @@
 """benchmarks/throughput.py and quant_time.py helpers: the synthetic checkpoints are real ones, the arithmetic holds."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,31 @@ def test_quant_time_runs_the_pipeline(tmp_path):
         rows = {row["method"]: row for row in csv.DictReader(f)}
     assert {m: rows[m]["status"] for m in rows} == {"gptq": "done", "quantease": "done"}
     assert all(int(rows[m]["blocks_done"]) == 2 for m in rows)
+
+
+def test_quant_time_resumes_a_cut_run(tmp_path):
+    # --resume: a run cut after block 0 (the pipeline's crash hook) continues in the next call from block 1, in the
+    # same work folder, and the method's time is the sum of both calls
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_time.py"
+    base = [sys.executable, str(script), "--tiny", "--resume", "--methods", "quantease", "--blocks", "3",
+            "--work", str(tmp_path / "w")]
+    env = dict(os.environ, QUANTEASE_INTERRUPT_AFTER_BLOCK="0")
+    r = subprocess.run(base + ["--out", str(tmp_path / "o1")], capture_output=True, text=True, timeout=600, env=env)
+    first = json.loads((tmp_path / "o1" / "quant_time_quantease.json").read_text())
+    assert first["status"].startswith("cut") and [b["block"] for b in first["blocks"]] == [0], r.stdout[-2000:]
+    r = subprocess.run(base + ["--out", str(tmp_path / "o2")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "o2" / "quant_time_quantease.json").read_text())
+    assert res["status"] == "done" and [b["block"] for b in res["blocks"]] == [0, 1, 2]  # resumed, not redone
+    assert [c["first_block"] for c in res["calls"]] == [0, 1]
+    assert res["total_s"] == pytest.approx(sum(c["wall_s"] for c in res["calls"]))
+    assert not (tmp_path / "w" / "q_quantease.partial").exists()  # a finished method leaves no state behind
+
+
+def test_quant_time_whole_model_is_measured():
+    blocks = [dict(end=i + 1, seconds=10.0, quantize_weight_s=6.0, save_s=1.0) for i in range(quant_time.FULL_BLOCKS)]
+    res = dict(method="quantease", status="done", total_s=400.0, peak_gib=9.0, blocks=blocks,
+               calls=[dict(first_block=0, wall_s=250.0), dict(first_block=20, wall_s=150.0)])
+    row = quant_time.summarize(res, quant_time.FULL_BLOCKS, "128 x 2048")
+    assert row["measured_32_s"] == 400.0 and row["calls"] == 2
+    assert "MEASURED (2 call(s))" in quant_time.table([row])
