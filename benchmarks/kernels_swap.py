@@ -129,10 +129,10 @@ PIPE_QUICK = {
 # 3.6, asym, fp16): (16, 16, 1, stages 1) 100 registers, no spills, no STS / BAR in the loop (x^T fragments loaded
 # straight from global), 816 instructions per 4096-weight block iteration; (16, 16, 1) + fused outliers 96;
 # (16, 32, 1) 175; (64, 16, 1) 168; (16, 16, 1, stages 3) 123 with cp.async x / words.  Table entries first.
-MMA2_QUICK = {
-    16: [(16, 64, 4, 1, 8, True, 4), (16, 16, 1, 1, 4, False), (16, 16, 1, 1, 8, False), (16, 16, 1, 3, 4, False),
-         (16, 32, 1, 1, 4, False), (16, 16, 1, 1, 2, False)],
-    64: [(64, 128, 8, 1, 0, True, 2), (32, 64, 4, 1, 0, True, 2), (32, 16, 1, 1, 4, False), (64, 16, 1, 1, 4, False),
+MMA2_QUICK = {  # SPLIT_K 0: auto, to gemm_swap.SPLIT_TARGET_ONE_WARP programs for 1-warp configs
+    16: [(16, 64, 4, 1, 8, True, 4), (16, 16, 1, 1, 0, False), (16, 16, 1, 1, 4, False), (16, 16, 1, 3, 0, False),
+         (16, 32, 1, 1, 0, False), (16, 16, 1, 1, 2, False)],
+    64: [(64, 128, 8, 1, 0, True, 2), (32, 64, 4, 1, 0, True, 2), (32, 16, 1, 1, 0, False), (64, 16, 1, 1, 0, False),
          (64, 16, 1, 1, 2, False), (32, 16, 1, 1, 8, False)],
 }
 

@@ -148,7 +148,7 @@ def test_pipelined_register_a(monkeypatch, pipe, sym, bits, group_size, m, split
 # M tiles 16 / 32 / 64 x 16 rows, split-K 4 / 2 (atomics), asym and sym, fp16 and bf16, fused outliers
 @needs_triton
 @pytest.mark.parametrize("m,dtype,sym,config", (
-    (5, torch.float16, False, (16, 16, 1, 1, 4, False)), (16, torch.bfloat16, True, (16, 16, 1, 3, 2, False)),
+    (5, torch.float16, False, (16, 16, 1, 1, 0, False)), (16, torch.bfloat16, True, (16, 16, 1, 3, 2, False)),
     (30, torch.float16, False, (32, 16, 1, 1, 4, False)), (65, torch.bfloat16, False, (64, 16, 1, 1, 2, False))))
 def test_one_warp_mma_sync_configs(m, dtype, sym, config):
     run_swap(72, 1100, 3, -1, 0.02, sym, m, dtype, True, seed=m, config=config, fused=True)
@@ -181,6 +181,7 @@ def test_split_choice():
     assert gemm_swap.pick_split(16, 28672, 8192, 16, 64, target=512) == 2  # 448 programs -> 896
     assert gemm_swap.pick_split(256, 28672, 8192, 128, 128, target=128) == 1  # 448 programs already
     assert gemm_swap.pick_split(16, 4096, 512, 16, 64, target=512) == 1  # 2 blocks: nothing to split
+    assert gemm_swap.pick_split(16, 8192, 8192, 16, 16, target=gemm_swap.SPLIT_TARGET_ONE_WARP) == 4  # 1-warp
     assert gemm_swap.pick_config(3) == gemm_swap.CONFIGS[16] and gemm_swap.pick_config(999) == gemm_swap.CONFIGS[256]
 
 

@@ -65,6 +65,8 @@ CONFIGS = {
 # per SM of 132); the 16-bit path pipelines, and splits cost M * N atomics each: one wave.
 SPLIT_TARGET_REGA = 512
 SPLIT_TARGET = 128
+# 1-warp programs (mma.sync, no pipelining either; kernel_notes.md "Prepared, not run"): ~16 warps per SM of 132
+SPLIT_TARGET_ONE_WARP = 2048
 OUTLIERS_FUSED = True  # epilogue add (1) vs the separate ELL launch (2); benchmarks/kernels_swap.py measures both
 FUSED_MAX_BM = 32  # measured: fused wins at BM <= 32 (M = 16: 39 vs 64 us at 8192^2); at BM = 64 the separate
 # launch wins (8192^2: 73.7 vs 91.0 us, the pipelined 16-bit config); BM = 128 spills (ptxas: 368 B of stack)
@@ -324,7 +326,7 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
         raise QuantEaseError(f"swap GEMM PIPE={pipe!r}: a depth >= 2, with XPF 0 (the pipeliner loads x ahead)")
     on_cuda = x.is_cuda
     if split == 0:
-        target = SPLIT_TARGET_REGA if rega else SPLIT_TARGET
+        target = SPLIT_TARGET_REGA if rega else (SPLIT_TARGET_ONE_WARP if warps == 1 else SPLIT_TARGET)
         split = pick_split(m, n, k, bm, bn, target) if x.dtype != torch.float32 else 1
     blocks = triton.cdiv(k, 256)
     bps = triton.cdiv(blocks, split)
