@@ -137,7 +137,7 @@ MMA2_QUICK = {  # SPLIT_K 0: auto, to gemm_swap.SPLIT_TARGET_ONE_WARP programs f
 }
 
 
-def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
+def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms, cands=QUICK):
     """Correctness of every candidate (fp16 + bf16, 0.5% outliers, NaN-poisoned out) on the first two shapes,
     then times: fp16 F.linear, the fused v3 GEMM (gemm.qgemm), the table's swap config, each candidate (0%
     outliers), and on the first shape (4096x4096) at 0.5% the best candidate and the table config with the
@@ -153,7 +153,7 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
         w64 = dequantize_prepared(p).double()
         errs = []
         for m in ms:
-            for cfg in QUICK[quick_b(m)] + [QUICK[quick_b(m)][0] + ("gx",)]:  # last: fused gather from x
+            for cfg in cands[quick_b(m)] + [cands[quick_b(m)][0] + ("gx",)]:  # last: fused gather from x
                 for dtype in (torch.float16, torch.bfloat16):
                     x = torch.randn(m, k, device=device).to(dtype)
                     out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
@@ -174,7 +174,7 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
     fp16 = {}
     print(f"\nweights: {'asymmetric (random zeros)' if ASYM else 'symmetric'}")
     print("\n| N x K | M | fp16 us | v3 gemm us | swap table us | " + ("table sym us | " if ASYM else "") + " | ".join(
-        "cand " + str(i) for i in range(max(len(c) for c in QUICK.values()))) + " |", flush=True)
+        "cand " + str(i) for i in range(max(len(c) for c in cands.values()))) + " |", flush=True)
     for n, k in shapes:
         p0 = rotate(make_prepared(n, k, 0.0, device)[0])
         p0s = rotate(make_prepared(n, k, 0.0, device, asym=False)[0]) if ASYM else None
@@ -191,7 +191,7 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
                 cells.append(f"{tab_sym:.1f}")
             for name, us, cfg in named:
                 writer.writerow([n, k, m, 0.0, name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
-            for cfg in QUICK[quick_b(m)]:
+            for cfg in cands[quick_b(m)]:
                 us = time_kernel(p0, m, swap_run(cfg))
                 res.append((us, cfg))
                 cells.append(f"{us:.1f}")
@@ -214,7 +214,7 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms):
                 print("    0.5% outliers (vs best 0%): " + "; ".join(line), flush=True)
             f.flush()
         del p0, p5, p0s
-    print("candidates: " + "; ".join(f"{b}: " + ", ".join(f"{i}={c}" for i, c in enumerate(QUICK[b])) for b in QUICK))
+    print("candidates: " + "; ".join(f"{b}: " + ", ".join(f"{i}={c}" for i, c in enumerate(cands[b])) for b in cands))
     print(f"[{time.time() - t0:.0f}s] wrote {args.out}/swap_quick{TAG}.csv and swap_quick{TAG}.log", flush=True)
 
 
@@ -260,14 +260,12 @@ def main():
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.quick:
         qs, qm = QUICK_SHAPES, QUICK_MS
-        if args.pipe or args.mma2:
-            QUICK.clear()
-            QUICK.update(PIPE_QUICK if args.pipe else MMA2_QUICK)
+        cands = PIPE_QUICK if args.pipe else (MMA2_QUICK if args.mma2 else QUICK)
         if args.ms:
             qm = tuple(int(v) for v in args.ms.split(","))
         if args.tiny:
             qs, qm = ((72, 300), (40, 600)), QUICK_MS
-        return quick(args, time_kernel, time_fp16, rotate, device, qs, qm)
+        return quick(args, time_kernel, time_fp16, rotate, device, qs, qm, cands)
     check(device, shapes, (4, 16, 64, 256))
     print(f"[{time.time() - t0:.0f}s]", flush=True)
 

@@ -253,8 +253,8 @@ def best_allocation(f, budget):
 def allocation(layers, fraction=0.005, cap=None):
     """Issue 2's outlier budget s = fraction * N * K, row-balanced (floor(fraction K) slots in every row, what
     the ELL format stores) against the best per-row counts with the same total, measured: every row's error
-    for r = 0 .. cap (default 2 R + 2) slots from one quantize_weight run per r (rows are independent in f and in every
-    step of the algorithm, so row i of the run with r slots is what row i gets with r slots)."""
+    for r = 0 .. cap (default 2 R + 2) slots from one quantize_weight run per r (rows are independent in f and in
+    every step of the algorithm, so row i of the run with r slots is what row i gets with r slots)."""
     rows = ["| layer | N x K | s (budget) | plain CD | row-balanced R | ratio | best per-row split: max count | ratio |",
             "|---|---|---|---|---|---|---|---|"]
     for name, (w, s) in layers.items():
@@ -313,6 +313,9 @@ def main():
         if not args.no_smollm:
             layers.update(smollm_layers(args.blocks, args.nsamples, args.seqlen, args.cache or None))
         if args.layers:
+            missing = [n for n in args.layers if n not in layers]
+            if missing:
+                sys.exit(f"--layers: no layer {', '.join(missing)}; the layers are {', '.join(layers)}")
             layers = {n: layers[n] for n in args.layers}
         if args.allocation:
             lines += allocation(layers, cap=args.cap)

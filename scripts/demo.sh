@@ -28,7 +28,7 @@ quantized=$work/$(basename "$model")-qe3
 if [ ! -f "$quantized/config.json" ]; then
     # data-free calibration (text the model samples itself): nothing to download.  32 x 256 sampled tokens: with
     # 8 x 128 the 3-bit model answered the demo's question wrongly ("...the 12th of the 18th month..."), with
-    # 32 x 256 it says Paris (2026-12-02, CPU; quantize 236 -> 356 s)
+    # 32 x 256 it says Paris (2026-12-02, CPU; quantize 236 -> 308 s, results/serve.md)
     python -m quantease.cli quantize "$model" --out "$quantized" --method quantease --bits 3 \
         --group-size "${DEMO_GROUP_SIZE:-64}" --outliers "${DEMO_OUTLIERS:-0.005}" --sweeps "${DEMO_SWEEPS:-3}" \
         --calib self --nsamples "${DEMO_NSAMPLES:-32}" --seqlen "${DEMO_SEQLEN:-256}"

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quant_time  # noqa: E402
 import throughput  # noqa: E402
 
+QUANT_TIME = Path(quant_time.__file__).resolve()
+
 
 def test_synthetic_quantease_checkpoint_is_valid(tmp_path):
     from quantease.format import checkpoint as ckpt
@@ -95,8 +97,7 @@ def test_quant_time_extrapolation():
 def test_quant_time_runs_the_pipeline(tmp_path):
     # the timing wrappers stand in for pipeline.quantize_block / save_block: they must keep up with the pipeline's
     # signatures (save_block gained the fp-target stream; the old wrapper failed every method on the H200 run)
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_time.py"
-    r = subprocess.run([sys.executable, str(script), "--tiny", "--methods", "gptq,quantease", "--blocks", "2",
+    r = subprocess.run([sys.executable, str(QUANT_TIME), "--tiny", "--methods", "gptq,quantease", "--blocks", "2",
                         "--work", str(tmp_path / "w"), "--out", str(tmp_path)], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -109,8 +110,7 @@ def test_quant_time_runs_the_pipeline(tmp_path):
 def test_quant_time_resumes_a_cut_run(tmp_path):
     # --resume: a run cut after block 0 (the pipeline's crash hook) continues in the next call from block 1, in the
     # same work folder, and the method's time is the sum of both calls
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_time.py"
-    base = [sys.executable, str(script), "--tiny", "--resume", "--methods", "quantease", "--blocks", "3",
+    base = [sys.executable, str(QUANT_TIME), "--tiny", "--resume", "--methods", "quantease", "--blocks", "3",
             "--work", str(tmp_path / "w")]
     env = dict(os.environ, QUANTEASE_INTERRUPT_AFTER_BLOCK="0")
     r = subprocess.run(base + ["--out", str(tmp_path / "o1")], capture_output=True, text=True, timeout=600, env=env)
