@@ -212,7 +212,7 @@ def bench(args, writer):
     for n, k in args.shapes:
         for fraction in args.fractions:
             p, _ = make_prepared(n, k, 3, -1, fraction)
-            for m in MS:
+            for m in args.ms:
                 base = time_fp16(n, k, m, fp16)
                 us = time_kernel(p, m, run_default)
                 gbs = (call_bytes(p, m) + 2 * m * (n + k)) / us / 1e3
@@ -232,11 +232,40 @@ def bench(args, writer):
           + " / ".join(f"{f * 100:g}%" for f in fr) + " |")
     print("|---|---|---|" + "---|" * len(fr) + "---|---|")
     for n, k in args.shapes:
-        for m in MS:
+        for m in args.ms:
             r = {x[3]: x for x in rows if x[0] == n and x[1] == k and x[2] == m}
             base = r[fr[0]][6]
             print(f"| {n}x{k} | {m} | {base:.1f} | " + " | ".join(f"{r[f][4]:.1f}" for f in fr)
                   + f" | {r[fr[0]][5]:.0f} | " + " / ".join(f"{base / r[f][4]:.2f}" for f in fr) + " |")
+
+
+def large_m_parts(args, writer):
+    """The large-M path's parts, each timed alone (M = 256, first shape of --shapes, 0% and 0.5% outliers):
+    dequantize, dequantize + the outlier scatter, cuBLAS on a ready weight, the whole gemm.dequant_matmul."""
+    from quantease.kernels import gemm
+    from quantease.kernels.outliers import ell_scatter
+
+    n, k = args.shapes[0]
+    m = 256
+    print(f"\nlarge-M parts, {n}x{k} M={m}: | outliers | dequantize us | + scatter us | cuBLAS us | dequant_matmul us |")
+    for fraction in (0.0, 0.005):
+        p, _ = make_prepared(n, k, 3, -1, fraction)
+        deq = time_kernel(p, m, lambda x, q, o: gemm.dequantize(q, x.dtype))
+        sc = "-"
+        if p["outlier_idx"] is not None:
+            def scatter(x, q, o):
+                return ell_scatter(gemm.dequantize(q, x.dtype), q["outlier_idx"], q["outlier_val"])
+            sc = f"{time_kernel(p, m, scatter):.1f}"
+        w = gemm.dequantize(p, torch.float16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ws = [w] + [w.clone() for _ in range(n_copies(w.numel() * 2) - 1)]
+        mm = graph_time([lambda w=w: torch.matmul(x, w.t()) for w in ws])
+        del ws, w
+        full = time_kernel(p, m, lambda x, q, o: gemm.dequant_matmul(x, q, None, o))
+        print(f"| {fraction * 100:g}% | {deq:.1f} | {sc} | {mm:.1f} | {full:.1f} |", flush=True)
+        writer.writerow(["parts", n, k, m, fraction, "dequant/scatter/cublas/full", f"{deq:.2f}", sc, f"{mm:.2f}",
+                         f"{full:.2f}"])
+        del p
 
 
 # GEMV v2 (kernels/gemv_half2.py) candidates: (BN, blocks of 128 columns per step, num_warps)
@@ -331,15 +360,18 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--parts", action="store_true", help="the large-M path's parts timed alone (first shape)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--plot", metavar="CSV")
     ap.add_argument("--note", default="", help="--plot: subtitle (machine, date)")
     ap.add_argument("--variant", choices=("half2",), help="also compare GEMV v1 with this variant (M <= 4)")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="--bench: NxK,NxK,...")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="--bench: outlier fractions")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="--bench: M values")
     args = ap.parse_args()
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]
+    args.ms = [int(m) for m in args.ms.split(",")]
     if args.plot:
         plot(args.plot, os.path.join(os.path.dirname(__file__), "plots", "kernels_speedup.png"), args.note)
         return
@@ -356,6 +388,9 @@ def main():
             print(f"[{time.time() - t0:.0f}s]", flush=True)
         if args.bench:
             bench(args, writer)
+            print(f"[{time.time() - t0:.0f}s]", flush=True)
+        if args.parts:
+            large_m_parts(args, writer)
             print(f"[{time.time() - t0:.0f}s]", flush=True)
         if args.variant == "half2":
             half2_variant(args, writer)

@@ -131,9 +131,18 @@ PIPE_QUICK = {
 # (16, 32, 1) 175; (64, 16, 1) 168; (16, 16, 1, stages 3) 123 with cp.async x / words.  Table entries first.
 MMA2_QUICK = {  # SPLIT_K 0: auto, to gemm_swap.SPLIT_TARGET_ONE_WARP programs for 1-warp configs
     16: [(16, 64, 4, 1, 8, True, 4), (16, 16, 1, 1, 0, False), (16, 16, 1, 1, 4, False), (16, 16, 1, 3, 0, False),
-         (16, 32, 1, 1, 0, False), (16, 16, 1, 1, 2, False)],
+         (16, 32, 1, 1, 0, False), (16, 16, 1, 1, 2, False), (16, 16, 1, 1, 4, True, 0)],
     64: [(64, 128, 8, 1, 0, True, 2), (32, 64, 4, 1, 0, True, 2), (32, 16, 1, 1, 0, False), (64, 16, 1, 1, 0, False),
          (64, 16, 1, 1, 2, False), (32, 16, 1, 1, 8, False)],
+}
+# --mma2 --wpf (session 5): round 2 around the winner of round 1, (16, 32, 1, 1, auto) 28.5-29.9 us at 8192^2 M = 2-16
+# (results/kernels_swap_h200.md): words loaded a block ahead (9th element WPF), x prefetch, explicit splits, 2 warps
+WPF_QUICK = {
+    16: [(16, 32, 1, 1, 0, False), (16, 32, 1, 1, 0, False, 0, None, 1), (16, 16, 1, 1, 0, False, 0, None, 1),
+         (16, 32, 1, 1, 4, False), (16, 32, 1, 1, 0, False, 2), (16, 32, 1, 1, 0, False, 2, None, 1),
+         (16, 32, 2, 1, 0, False), (16, 64, 2, 1, 0, False, 0, None, 1)],
+    64: [(32, 64, 4, 1, 0, True, 2), (32, 32, 1, 1, 0, False, 0, None, 1), (32, 16, 1, 1, 0, False, 0, None, 1),
+         (32, 32, 2, 1, 0, False, 0, None, 1)],
 }
 
 
@@ -157,7 +166,7 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms, cands=QUICK)
                 for dtype in (torch.float16, torch.bfloat16):
                     x = torch.randn(m, k, device=device).to(dtype)
                     out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
-                    y = gemm_swap.qgemm_swap(x, p, None, out, cfg[:8] if cfg[-1] != "gx" else cfg[:-1],
+                    y = gemm_swap.qgemm_swap(x, p, None, out, cfg if cfg[-1] != "gx" else cfg[:-1],
                                              gather_x=cfg[-1] == "gx")
                     ref = x.double() @ w64.t()
                     err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -176,6 +185,9 @@ def quick(args, time_kernel, time_fp16, rotate, device, shapes, ms, cands=QUICK)
     print("\n| N x K | M | fp16 us | v3 gemm us | swap table us | " + ("table sym us | " if ASYM else "") + " | ".join(
         "cand " + str(i) for i in range(max(len(c) for c in cands.values()))) + " |", flush=True)
     for n, k in shapes:
+        if time.time() - t0 > args.deadline:
+            print(f"  deadline ({args.deadline:.0f}s): {n}x{k} and later shapes skipped", flush=True)
+            break
         p0 = rotate(make_prepared(n, k, 0.0, device)[0])
         p0s = rotate(make_prepared(n, k, 0.0, device, asym=False)[0]) if ASYM else None
         p5 = rotate(make_prepared(n, k, 0.005, device)[0]) if (n, k) == shapes[0] else None
@@ -223,6 +235,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="v5.1 candidates only (QUICK), ~3 min on an H100")
     ap.add_argument("--pipe", action="store_true", help="with --quick: session 4's pipelined candidates (PIPE_QUICK)")
     ap.add_argument("--mma2", action="store_true", help="with --quick: 1-warp mma.sync candidates (MMA2_QUICK)")
+    ap.add_argument("--wpf", action="store_true", help="with --quick: round 2 of them, words prefetched (WPF_QUICK)")
     ap.add_argument("--ms", default=None, help="with --quick: M values (default 4,16,64)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=330.0, help="seconds after which only the table config is timed")
@@ -232,7 +245,8 @@ def main():
     args = ap.parse_args()
     global ASYM, TAG
     ASYM = args.asym
-    TAG = "".join(t for t, on in (("_asym", args.asym), ("_pipe", args.pipe), ("_mma2", args.mma2)) if on)
+    TAG = "".join(t for t, on in (("_asym", args.asym), ("_pipe", args.pipe), ("_mma2", args.mma2),
+                                  ("_wpf", args.wpf)) if on)
     os.makedirs(args.out, exist_ok=True)
     sys.stdout = Tee(os.path.join(args.out, ("swap_quick" if args.quick else "swap") + TAG + ".log"))
     from quantease.kernels import gemm_swap
@@ -260,7 +274,7 @@ def main():
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.quick:
         qs, qm = QUICK_SHAPES, QUICK_MS
-        cands = PIPE_QUICK if args.pipe else (MMA2_QUICK if args.mma2 else QUICK)
+        cands = PIPE_QUICK if args.pipe else (MMA2_QUICK if args.mma2 else (WPF_QUICK if args.wpf else QUICK))
         if args.ms:
             qm = tuple(int(v) for v in args.ms.split(","))
         if args.tiny:

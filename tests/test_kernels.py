@@ -232,6 +232,24 @@ def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M > ops.SWAP_M
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_ell_scatter_sums_duplicates_and_skips_padding(dtype):  # the dequant path's outlier add, odd R and N
+    from quantease.kernels.outliers import ell_scatter
+
+    g = torch.Generator().manual_seed(5)
+    n, k, r = 37, 300, 7
+    w = torch.randint(-8, 8, (n, k), generator=g).to(dtype)  # integers and quarter steps: every sum is exact
+    idx = torch.sort(torch.randint(0, k, (n, r), generator=g), 1).values
+    idx[:, 2] = idx[:, 1]  # a real duplicate in every row: its two values must both land
+    val = (torch.randint(1, 16, (n, r), generator=g) / 4).half()
+    val[::3, 5:] = 0  # padding (value 0) repeating the last index
+    idx[::3, 5:] = idx[::3, 4:5]
+    want = w.double().scatter_add(1, idx.long(), val.double())
+    got = ell_scatter(w.clone().to(DEVICE), idx.to(torch.int16).to(DEVICE), val.to(DEVICE))
+    assert torch.equal(got.double().cpu(), want)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_gemv_partial_last_step(dtype):  # K % 256 == 0 but blocks % blocks-per-step != 0 (like K = 11008)
     from quantease.kernels import gemv

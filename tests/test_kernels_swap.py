@@ -154,6 +154,17 @@ def test_one_warp_mma_sync_configs(m, dtype, sym, config):
     run_swap(72, 1100, 3, -1, 0.02, sym, m, dtype, True, seed=m, config=config, fused=True)
 
 
+# WPF: the next block's words loaded one iteration ahead (the last block of each split loads nothing): 3-bit per
+# channel with a ragged 2-way split (5 blocks: 3 + 2), 4-bit groups of 256, 2-bit per-element groups of 64
+@needs_triton
+@pytest.mark.parametrize("bits,group_size,m,dtype,config", (
+    (3, -1, 13, torch.float16, (16, 32, 1, 1, 0, False, 0, None, 1)),
+    (4, 256, 3, torch.bfloat16, (16, 16, 1, 1, 2, False, 0, None, 1)),
+    (2, 64, 30, torch.float16, (32, 16, 1, 1, 1, False, 0, None, 1))))
+def test_word_prefetch_configs(bits, group_size, m, dtype, config):
+    run_swap(72, 1100, bits, group_size, 0.02, False, m, dtype, True, seed=m, config=config, fused=True)
+
+
 def test_pipe_arguments_checked():
     w = make_weight(8, 256, 3, -1, 0.0, True, 8, device="cpu")
     p = prepare_weights(*w, 3, -1, 256)

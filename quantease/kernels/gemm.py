@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from quantease.kernels.gemv import _code3
-from quantease.kernels.outliers import ell_add
+from quantease.kernels.outliers import ell_add, ell_scatter
 
 
 # (BM, BN, num_warps, num_stages, GROUP_M) by M bucket; chosen ahead on the H100 (benchmarks/kernels.py)
@@ -79,26 +79,44 @@ def group_dequant(c, zb, kx, offs_n, mask_n, K, group_size, s_ptr, z_ptr, stride
 
 
 @triton.jit
-def block_words(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol, shift,
-                BITS: tl.constexpr, INPLACE: tl.constexpr, WPB: tl.constexpr):
-    """The plane words of one 256-column block for rows offs_n, as slot_codes takes them: plane 0 [BN, WPB]; for
-    3-bit the plane-1 word of each plane-0 word (hcol), shifted by `shift` ([1, WPB] or [BN, WPB]) so its bits
-    line up, and for the in-place unpack the words' high and low halves."""
+def block_loads(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol, BITS: tl.constexpr,
+                WPB: tl.constexpr):
+    """The raw plane words of one 256-column block for rows offs_n (masked rows read 0): plane 0 [BN, WPB] and,
+    for 3-bit, the plane-1 word of each plane-0 word (hcol); block_split makes slot_codes' operands of them."""
     a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=mask_n[:, None], other=0)
     if BITS == 3:
-        hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
-                     other=0) >> shift
-        if INPLACE:
-            a_hi = a >> 16
-            h_hi = hs >> 16
-            h_15 = hs << 16
+        h = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
+                    other=0)
     else:
-        hs = a  # unread (slot_codes takes it for 3-bit only); dead code after compilation
-    if not (BITS == 3 and INPLACE):
+        h = a  # unread (slot_codes takes it for 3-bit only); dead code after compilation
+    return a, h
+
+
+@triton.jit
+def block_split(a, h, shift, BITS: tl.constexpr, INPLACE: tl.constexpr):
+    """block_loads' words as slot_codes takes them: the plane-1 word shifted by `shift` ([1, WPB] or [BN, WPB])
+    so its bits line up, and for the in-place unpack the words' high and low halves."""
+    if BITS == 3:
+        hs = h >> shift
+    else:
+        hs = a
+    if BITS == 3 and INPLACE:
+        a_hi = a >> 16
+        h_hi = hs >> 16
+        h_15 = hs << 16
+    else:
         a_hi = a
         h_hi = a
         h_15 = a
     return a, hs, a_hi, h_hi, h_15
+
+
+@triton.jit
+def block_words(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol, shift,
+                BITS: tl.constexpr, INPLACE: tl.constexpr, WPB: tl.constexpr):
+    """block_loads then block_split: one block's words, ready for slot_codes."""
+    a, h = block_loads(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol, BITS, WPB)
+    return block_split(a, h, shift, BITS, INPLACE)
 
 
 @triton.jit
@@ -285,8 +303,8 @@ def dequant_matmul(x, p, bias, out):
     M x N x R gathers: +21-55% at M = 256 on the H200 (results/kernels_h200.md), more at prefill's M in the
     thousands.  The outlier lands on the weight rounded to x's dtype: one more rounding of those few elements."""
     w = dequantize(p, x.dtype)
-    if p["outlier_idx"] is not None:  # padding slots (index 0, value 0) add exact zeros
-        w.scatter_add_(1, p["outlier_idx"].long(), p["outlier_val"].to(w.dtype))
+    if p["outlier_idx"] is not None:
+        ell_scatter(w, p["outlier_idx"], p["outlier_val"])
     if bias is not None:
         torch.addmm(bias.to(out.dtype), x, w.t(), out=out)
     else:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from quantease.errors import QuantEaseError
-from quantease.kernels.gemm import block_grid, block_words, group_dequant, slot_codes
+from quantease.kernels.gemm import block_grid, block_loads, block_split, block_words, group_dequant, slot_codes
 from quantease.kernels.outliers import ell_add
 
 # (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF]) by M bucket; SPLIT_K 0 = pick_split (wrapper); XPF = x
@@ -54,9 +54,11 @@ from quantease.kernels.outliers import ell_add
 # M <= 16 (16, 64, 4, 1, 8, True, 4) 11.4-11.7 / 31.3-32.7 / 87.8-91.3 us (sum 266 us; (16, 128, ..., XPF 2): 270,
 # the old table entry without prefetch: 320); M = 64 (64, 128, 8, 1, 0, True, 2) 15.9 / 50.7 / 175.1 us, best on all 3.
 CONFIGS = {
-    16: (16, 64, 4, 1, 8, True, 4),
-    32: (32, 64, 4, 1, 0, True, 2),  # H200 --quick --pipe --asym: 14.6 / 43.7 / 171.6 us vs the 16-bit (32, 64, 4, 3)'s
-    # 20.3 / 65.6 / 171.9 (4096^2, 8192^2, 28672x8192, M = 32)
+    16: (16, 32, 1, 1, 0, False),  # H200 session 5 (--quick --mma2 --asym): one warp = mma.sync, both operands in
+    # registers; M 2-16: 10.4-11.2 / 28.5-29.9 / 85.1-88.7 us vs (16, 64, 4, 1, 8, True, 4)'s 12.0-12.5 / 34.0-35.5 /
+    # 97.0-101.1 (4096^2, 8192^2, 28672x8192)
+    32: (32, 32, 1, 1, 0, False, 0, None, 1),  # H200 session 5 (--quick --wpf --asym): 14.3 / 39.5 / 126.8 us vs
+    # the register-A (32, 64, 4, 1, 0, True, 2)'s 14.7 / 43.7 / 172.2 (M = 32)
     64: (64, 128, 8, 1, 0, True, 2),
     128: (128, 128, 8, 2, 0, False),
     256: (256, 128, 8, 1, 0, False),  # unpipelined (BM = 256 x 2 stages of x slot tiles does not fit in smem)
@@ -70,7 +72,8 @@ SPLIT_TARGET_ONE_WARP = 2048
 OUTLIERS_FUSED = True  # epilogue add (1) vs the separate ELL launch (2); benchmarks/kernels_swap.py measures both
 FUSED_MAX_BM = 32  # measured: fused wins at BM <= 32 (M = 16: 39 vs 64 us at 8192^2); at BM = 64 the separate
 # launch wins (8192^2: 73.7 vs 91.0 us, the pipelined 16-bit config); BM = 128 spills (ptxas: 368 B of stack)
-GATHER_X_MAX_M = 0  # fused outliers gather from x (no x^T copy) up to this M; benchmarks/kernels_swap.py --quick
+GATHER_X_MAX_M = 16  # fused outliers gather from x (no x^T copy) up to this M; benchmarks/kernels_swap.py --quick
+# (H200 session 5, (16, 32, 1), 4096^2 + 0.5%: M = 2 / 4 / 16 12.2 / 12.4 / 12.8 us vs 14.6 / 14.7 / 14.9 with x^T)
 BR_ELEMS = 32  # outlier epilogue: gathered x elements per thread per step ([BN, BR, BM] tile), keeps it spill-free
 
 
@@ -134,7 +137,7 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
                       INPLACE: tl.constexpr, ASM: tl.constexpr, IEEE: tl.constexpr, REGA: tl.constexpr,
                       SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, XPF: tl.constexpr, XBK: tl.constexpr,
-                      PIPE: tl.constexpr):
+                      PIPE: tl.constexpr, WPF: tl.constexpr, ZLOAD: tl.constexpr):
     # GROUP_MODE 0: per channel; 1: groups of whole 256-column blocks; 2: per element
     PW: tl.constexpr = 32 // W0  # code slots per word
     # asymmetric on the REGA path: the loop sums (c - ZERO) x as for a symmetric grid (the unpack cannot take a
@@ -163,14 +166,27 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     if HAS_ZEROS and not XSUM:  # (XSUM: loaded after the loop, not held in registers through it)
         zn = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32)
+    elif ZLOAD:  # symmetric, 1-warp: the zero as a uint8 load (times 0), as an asymmetric grid has it.  Triton
+        # sizes the mma.sync operands' kWidth by the narrowest type feeding the weight tile: a uint8 gives 4 (x^T
+        # fragments straight from registers), a constant 2 (x^T staged through shared memory: sm_90 AOT 38 vs 6
+        # LDS/STS at (16, 16, 1); H200 8192^2 M = 4 42.3 vs 28.5 us).  z_ptr: any uint8 view, stride_z 0
+        zn = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32) * 0.0 + ZERO
     else:
         zn = tl.full((BN,), ZERO, tl.float32)
     x_cols = x_ptr + offs_m[None, :] * stride_xm  # x^T tile [WPB, BM]: x read with strides, K along dim 0
     blk0 = split * blocks_per_split
     blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
+    if WPF:  # the next block's words are loaded one iteration ahead, into registers (no smem, no barrier)
+        a_nx, h_nx = block_loads(p0_ptr, p1_ptr, offs_n, mask_n & (blk0 + offs_n * 0 < blk1), stride_p0,
+                                 stride_p1, blk0, q, hcol, BITS, WPB)
     for blk in tl.range(blk0, blk1, num_stages=PIPE):
-        a, hs, a_hi, h_hi, h_15 = block_words(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q, hcol,
-                                              shift, BITS, INPLACE, WPB)
+        if WPF:
+            a, hs, a_hi, h_hi, h_15 = block_split(a_nx, h_nx, shift, BITS, INPLACE)
+            a_nx, h_nx = block_loads(p0_ptr, p1_ptr, offs_n, mask_n & (blk + 1 + offs_n * 0 < blk1), stride_p0,
+                                     stride_p1, blk + 1, q, hcol, BITS, WPB)
+        else:
+            a, hs, a_hi, h_hi, h_15 = block_words(p0_ptr, p1_ptr, offs_n, mask_n, stride_p0, stride_p1, blk, q,
+                                                  hcol, shift, BITS, INPLACE, WPB)
         if GROUP_MODE == 1:
             sb, zb = block_grid(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, blk, group_size, HAS_ZEROS, ZERO,
                                 BN)
@@ -305,16 +321,19 @@ def rega_ok(p, x):
 
 def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, asm=True, gather_x=None):
     """x [M, K] (stride(1) == 1), prepared dict p, bias [N] | None, out [M, N] -> out (same contract as
-    gemm.qgemm).  config = (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF[, PIPE]]) overrides the table
+    gemm.qgemm).  config = (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF[, PIPE[, WPF]]]) overrides the table
     (SPLIT_K 0: auto; REGA falls back to the 16-bit A path where rega_ok is False; XPF: x slot tiles loaded that
     many slots ahead, 0..4; PIPE: the REGA path's K loop software-pipelined that deep by triton -- words and x slot
-    tiles as cp.async copies into shared memory, the unpacked weight still the register A operand -- None: off)."""
+    tiles as cp.async copies into shared memory, the unpacked weight still the register A operand -- None: off;
+    WPF: the next block's plane words loaded one iteration ahead into registers -- for the 1-warp mma.sync
+    configs, whose loop has no other way to overlap the DRAM round trip)."""
     m, k = x.shape
     n = p["out_features"]
     cfg = tuple(config or pick_config(m))
     bm, bn, warps, stages, split, rega = cfg[:6]
     xpf = cfg[6] if len(cfg) > 6 else 0
     pipe = cfg[7] if len(cfg) > 7 else None
+    wpf = bool(cfg[8]) if len(cfg) > 8 else False
     rega = rega and rega_ok(p, x)
     if rega:
         # the launch-wide pipeliner moves the unpack back in front of a shared-memory round trip; a depth on the
@@ -342,6 +361,8 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
     gx = m <= GATHER_X_MAX_M if gather_x is None else gather_x
     xt = x.t().contiguous() if outliers == 1 and not gx else x
     sxt, sxtm = (1, x.stride(0)) if xt is x else (xt.stride(0), 1)
+    zload = warps == 1 and not rega and zeros is None
+    zptr = p["plane0"].view(torch.uint8) if zload else p["scales"]  # ZLOAD reads it with stride 0 (see the kernel)
     hsh = _hsh_table(x.device) if rega and bits == 3 else p["plane0"]
     if split > 1:
         out.zero_()
@@ -351,7 +372,7 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
     br = max(1, min(8, triton.next_power_of_2(BR_ELEMS * 32 * warps // (bm * bn) + 1) // 2))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
     qgemm_swap_kernel[grid](
-        x, xt, out, p["plane0"], plane1, p["scales"], zeros if zeros is not None else p["scales"],
+        x, xt, out, p["plane0"], plane1, p["scales"], zeros if zeros is not None else zptr,
         bias if bias is not None else p["scales"], oi if oi is not None else p["plane0"],
         ov if ov is not None else p["scales"], hsh,
         m, n, k, oi.shape[1] if oi is not None else 0, p["group_size"], bps,
@@ -362,7 +383,8 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
         GROUP_MODE=mode, HAS_BIAS=bias is not None, OUTLIERS=outliers,
         INPLACE=inplace and bits == 3 and mode != 2, ASM=asm and on_cuda,
         IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not on_cuda and not rega), REGA=rega,
-        SPLIT=split > 1, ATOMIC=on_cuda, BM=bm, BN=bn, BR=br, XPF=xpf, XBK=xbk, PIPE=pipe, num_warps=warps,
+        SPLIT=split > 1, ATOMIC=on_cuda, BM=bm, BN=bn, BR=br, XPF=xpf, XBK=xbk, PIPE=pipe, WPF=wpf, ZLOAD=zload,
+        num_warps=warps,
         num_stages=stages)
     if outliers == 2:
         ell_add(x, oi, ov, out)
