@@ -233,20 +233,26 @@ def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M > ops.SWAP_M
 
 @needs_triton
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
-def test_ell_scatter_sums_duplicates_and_skips_padding(dtype):  # the dequant path's outlier add, odd R and N
-    from quantease.kernels.outliers import ell_scatter
+def test_dequantize_adds_outliers_duplicates_and_padding(dtype):  # the large-M path's weight, odd N, K, R
+    from quantease.kernels import gemm
 
     g = torch.Generator().manual_seed(5)
-    n, k, r = 37, 300, 7
-    w = torch.randint(-8, 8, (n, k), generator=g).to(dtype)  # integers and quarter steps: every sum is exact
+    n, k, r = 37, 700, 7
+    qweight, scales, zeros = make_weight(n, k, 3, -1, 0.0, False, 6)[:3]
     idx = torch.sort(torch.randint(0, k, (n, r), generator=g), 1).values
-    idx[:, 2] = idx[:, 1]  # a real duplicate in every row: its two values must both land
-    val = (torch.randint(1, 16, (n, r), generator=g) / 4).half()
+    idx[:, 2] = idx[:, 1]  # a real duplicate in every row: both values must land
+    val = torch.randn(n, r, generator=g).half()
     val[::3, 5:] = 0  # padding (value 0) repeating the last index
     idx[::3, 5:] = idx[::3, 4:5]
-    want = w.double().scatter_add(1, idx.long(), val.double())
-    got = ell_scatter(w.clone().to(DEVICE), idx.to(torch.int16).to(DEVICE), val.to(DEVICE))
-    assert torch.equal(got.double().cpu(), want)
+    idx, val = idx.to(torch.int16).to(DEVICE), val.to(DEVICE)
+    p = prepare_weights(qweight, scales, zeros, idx, val, 3, -1, k)
+    dense = layout.dequantize_packed(qweight, scales, zeros, None, None, 3, -1, k)
+    want = dense.to(dtype).double().scatter_add(1, idx.long(), val.double())  # dense rounded, outliers added
+    got = gemm.dequantize(p, dtype, outliers=True).double()
+    atol = {torch.float32: 1e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]  # the sum's one rounding
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    # outliers=False: the codes alone (within one rounding: the interpreter's bf16 conversion is its own)
+    torch.testing.assert_close(gemm.dequantize(p, dtype).double(), dense.to(dtype).double(), rtol=0, atol=atol)
 
 
 @needs_triton

@@ -186,6 +186,12 @@ def test_float32_activations():
     run_swap(33, 96, 3, -1, 0.05, True, 20, torch.float32, True)
 
 
+def test_gather_x_choice():  # from x while N x R x (M - 1) extra sectors stay small, else the x^T copy
+    assert gemm_swap.pick_gather_x(4, 4096, 21) and gemm_swap.pick_gather_x(16, 4096, 21)  # 4096^2 at 0.5%
+    assert not gemm_swap.pick_gather_x(16, 8192, 143)  # 8192x28672 at 0.5%: 18 M sectors
+    assert not gemm_swap.pick_gather_x(4, 8192, 0) and not gemm_swap.pick_gather_x(32, 64, 2)
+
+
 def test_split_choice():
     assert gemm_swap.pick_split(16, 4096, 4096, 16, 64, target=512) == 8  # 64 programs, 16 blocks -> 8 x 2
     assert gemm_swap.pick_split(16, 8192, 8192, 16, 64, target=512) == 4  # 128 programs -> 512

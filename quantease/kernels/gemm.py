@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from quantease.kernels.gemv import _code3
-from quantease.kernels.outliers import ell_add, ell_scatter
+from quantease.kernels.outliers import ell_add
 
 
 # (BM, BN, num_warps, num_stages, GROUP_M) by M bucket; chosen ahead on the H100 (benchmarks/kernels.py)
@@ -240,14 +240,16 @@ def qgemm(x, p, bias, out, config=None, inplace=True, asm=True):
 # Above ops.SWAP_MAX_M rows the fused kernels' per-tile unpack (redone for every BM rows) costs more than writing
 # the dense weight once and handing it to cuBLAS (benchmarks/kernels.py, kernels_swap.py measured the crossover).
 DQ_BN = 32
+DQ_BR = 64  # outlier slots per step of the dequant kernel's add ([DQ_BN, DQ_BR] tiles: 16 per thread)
 
 
 @triton.jit
-def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, N, K, group_size,
-                   stride_w, stride_p0, stride_p1, stride_s, stride_z,
+def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, N, K, R, group_size,
+                   stride_w, stride_p0, stride_p1, stride_s, stride_z, stride_oi, stride_ov,
                    BITS: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                   PER_CHANNEL: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
-    """w [N, K] = s * (code - z), one 256-column block per program (same unpack as the GEMM)."""
+                   PER_CHANNEL: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr, OUTLIERS: tl.constexpr,
+                   BR: tl.constexpr, ATOMIC: tl.constexpr):
+    """w [N, K] = s * (code - z) (+ the outliers), one 256-column block per program (same unpack as the GEMM)."""
     PW: tl.constexpr = 32 // W0
     WPB: tl.constexpr = 8 * W0
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -262,38 +264,72 @@ def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, N, K, group_size,
         a_hi = a >> 16
         h_hi = hs >> 16
         h_15 = hs << 16
+    if PER_CHANNEL:  # one scale / zero per row: loaded once, not per slot
+        s_row = tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        if HAS_ZEROS:
+            z_row = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32)[:, None]
     for j in tl.static_range(PW):
         kx = blk * 256 + j * WPB + q
         wmask = mask_n[:, None] & (kx < K)[None, :]
         if PER_CHANNEL:
-            g = kx * 0
+            s = s_row
+            if HAS_ZEROS:
+                z = z_row
+            else:
+                z = ZERO
         else:
             g = kx // group_size
-        s = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=wmask, other=0).to(tl.float32)
-        else:
-            z = ZERO
+            s = tl.load(s_ptr + offs_n[:, None] * stride_s + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + offs_n[:, None] * stride_z + g[None, :], mask=wmask, other=0).to(tl.float32)
+            else:
+                z = ZERO
         if BITS == 3:
             c = _code3(a, a_hi, hs, h_hi, h_15, j, ASM) - (1 << (23 - 2 * (j % 8)))
         else:
             c = ((a >> (W0 * j)) & ((1 << W0) - 1)).to(tl.float32)
         tl.store(w_ptr + offs_n[:, None] * stride_w + kx[None, :], ((c - z) * s).to(w_ptr.dtype.element_ty),
                  mask=wmask)
+    if OUTLIERS:  # the slots of these rows that fall in this block, added onto the tile just written (in L2)
+        lo = blk * 256
+        if ATOMIC:  # fire-and-forget adds (duplicate indices sum); the barrier puts this program's stores first
+            tl.debug_barrier()
+            for r0 in range(0, R, BR):
+                offs_r = r0 + tl.arange(0, BR)
+                rmask = mask_n[:, None] & (offs_r[None, :] < R)
+                idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
+                idx = idx.to(tl.int32)
+                val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+                hit = rmask & (val != 0) & (idx >= lo) & (idx < lo + 256)
+                tl.atomic_add(w_ptr + offs_n[:, None] * stride_w + idx, val.to(w_ptr.dtype.element_ty), mask=hit,
+                              sem="relaxed")
+        else:  # the CPU interpreter (no 16-bit atomics): one slot column at a time, rows distinct within a step
+            for r in range(0, R):
+                idx = tl.load(oi_ptr + offs_n * stride_oi + r, mask=mask_n, other=0).to(tl.int32)
+                val = tl.load(ov_ptr + offs_n * stride_ov + r, mask=mask_n, other=0.0)
+                hit = mask_n & (idx >= lo) & (idx < lo + 256)
+                ptrs = w_ptr + offs_n * stride_w + idx
+                w = tl.load(ptrs, mask=hit, other=0.0).to(tl.float32)
+                tl.store(ptrs, (w + val.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=hit)
 
 
-def dequantize(p, dtype):
-    """Prepared dict -> dense weight [N, K] in dtype (without the outliers), on the GPU."""
+def dequantize(p, dtype, outliers=False):
+    """Prepared dict -> dense weight [N, K] in dtype, on the GPU; outliers=True adds them in the same kernel
+    (each rounded to dtype once more).  The adds touch lines the program has just written: as a separate
+    scatter after the whole weight they cost +28 us at 8192^2 with 0.5% (H200, kernels.py --parts: 57.9 -> 85.7)."""
     n, k, bits = p["out_features"], p["in_features"], p["bits"]
     w = torch.empty(n, k, dtype=dtype, device=p["plane0"].device)
     plane1 = p["plane1"] if p["plane1"] is not None else p["plane0"]
-    zeros = p["zeros"]
+    zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
+    outliers = outliers and oi is not None
     dequant_kernel[(triton.cdiv(n, DQ_BN), triton.cdiv(k, 256))](
-        w, p["plane0"], plane1, p["scales"], zeros if zeros is not None else p["scales"], n, k, p["group_size"],
-        w.stride(0), p["plane0"].stride(0), plane1.stride(0), p["scales"].stride(0),
-        zeros.stride(0) if zeros is not None else 0,
+        w, p["plane0"], plane1, p["scales"], zeros if zeros is not None else p["scales"],
+        oi if outliers else p["plane0"], ov if outliers else p["scales"], n, k, oi.shape[1] if outliers else 0,
+        p["group_size"], w.stride(0), p["plane0"].stride(0), plane1.stride(0), p["scales"].stride(0),
+        zeros.stride(0) if zeros is not None else 0, oi.stride(0) if outliers else 0, ov.stride(0) if outliers else 0,
         BITS=bits, W0=2 if bits == 3 else bits, ZERO=float(2 ** (bits - 1)), HAS_ZEROS=zeros is not None,
-        PER_CHANNEL=p["group_size"] == -1, ASM=w.is_cuda, BN=DQ_BN, num_warps=4)
+        PER_CHANNEL=p["group_size"] == -1, ASM=w.is_cuda, BN=DQ_BN, OUTLIERS=outliers, BR=DQ_BR, ATOMIC=w.is_cuda,
+        num_warps=4)
     return w
 
 
@@ -302,9 +338,7 @@ def dequant_matmul(x, p, bias, out):
     Scattering costs N x R adds; adding x @ H^T after the GEMM (the ELL kernel, the small-M epilogues) costs
     M x N x R gathers: +21-55% at M = 256 on the H200 (results/kernels_h200.md), more at prefill's M in the
     thousands.  The outlier lands on the weight rounded to x's dtype: one more rounding of those few elements."""
-    w = dequantize(p, x.dtype)
-    if p["outlier_idx"] is not None:
-        ell_scatter(w, p["outlier_idx"], p["outlier_val"])
+    w = dequantize(p, x.dtype, outliers=True)
     if bias is not None:
         torch.addmm(bias.to(out.dtype), x, w.t(), out=out)
     else:

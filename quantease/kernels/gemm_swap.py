@@ -72,8 +72,11 @@ SPLIT_TARGET_ONE_WARP = 2048
 OUTLIERS_FUSED = True  # epilogue add (1) vs the separate ELL launch (2); benchmarks/kernels_swap.py measures both
 FUSED_MAX_BM = 32  # measured: fused wins at BM <= 32 (M = 16: 39 vs 64 us at 8192^2); at BM = 64 the separate
 # launch wins (8192^2: 73.7 vs 91.0 us, the pipelined 16-bit config); BM = 128 spills (ptxas: 368 B of stack)
-GATHER_X_MAX_M = 16  # fused outliers gather from x (no x^T copy) up to this M; benchmarks/kernels_swap.py --quick
-# (H200 session 5, (16, 32, 1), 4096^2 + 0.5%: M = 2 / 4 / 16 12.2 / 12.4 / 12.8 us vs 14.6 / 14.7 / 14.9 with x^T)
+# fused outliers gather from x itself (no x^T copy launch, ~2-3 us) while the extra sectors that costs, N x R x
+# (M - 1) of 32 bytes from L2, stay under this many.  H200 session 5, (16, 32, 1) + 0.5%: 4096^2 (86 k slots) M = 4 /
+# 16 12.4 / 12.8 us from x vs 14.7 / 14.9 with x^T; 8192x28672 (1.2 M slots) M = 16 from x 170.1 vs 0% 105.9
+GATHER_X_MAX_SECTORS = 1 << 21
+GATHER_X_MAX_M = 16  # and never above this M
 BR_ELEMS = 32  # outlier epilogue: gathered x elements per thread per step ([BN, BR, BM] tile), keeps it spill-free
 
 
@@ -292,6 +295,11 @@ def group_mode(group_size):
     return 1 if group_size % 256 == 0 else 2
 
 
+def pick_gather_x(m, n, r):
+    """Fused outliers read x itself (no x^T copy) when the extra L2 sectors that costs are few."""
+    return r > 0 and m <= GATHER_X_MAX_M and n * r * (m - 1) <= GATHER_X_MAX_SECTORS
+
+
 def pick_split(m, n, k, bm, bn, target):
     """Splits of K (powers of 2, at most 8, each >= 2 blocks of 256) until there are >= target programs."""
     programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -358,7 +366,7 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
     outliers = 0 if oi is None else (1 if fused else 2)
     # the epilogue gathers rows of x^T (BM contiguous values, one sector); at small M gathering from x itself
     # (M sectors per outlier) can beat the extra transpose launch
-    gx = m <= GATHER_X_MAX_M if gather_x is None else gather_x
+    gx = pick_gather_x(m, n, oi.shape[1] if oi is not None else 0) if gather_x is None else gather_x
     xt = x.t().contiguous() if outliers == 1 and not gx else x
     sxt, sxtm = (1, x.stride(0)) if xt is x else (xt.stride(0), 1)
     zload = warps == 1 and not rega and zeros is None

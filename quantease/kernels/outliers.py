@@ -1,17 +1,10 @@
-"""Sparse outlier adds in ELL form (R slots per row): y[M, N] += x[M, K] @ H^T after a GEMM (ell_add), and
-W[N, K] += H into a dense weight before one (ell_scatter: the large-M dequant path).
+"""Sparse outlier add for the GEMM path: y[M, N] += x[M, K] @ H^T, H in ELL form (R slots per row).
 
 The GEMV fuses this into its epilogue (M <= 4 rows: a few gathers per output).  At larger M every (n, slot)
 needs a whole column of x, so gathering x[m, idx] with m as the slow index touches one 32-byte sector per
 element; this kernel reads x transposed (xt [K, M], made by the wrapper) so that column is contiguous and the
 gather is 16-byte vectors along M.  It runs after the GEMM, in place on y (stream order makes that safe).
 Cost: M * N * R multiply-adds from L2-resident xt.
-
-ell_scatter adds each (n, idx, val) slot to W[n, idx] with a fire-and-forget atomic (red) in W's dtype: N * R
-independent adds, duplicates (allowed: the format asks only for non-decreasing indices) summed, padding slots
-(value 0) masked.  torch's scatter_add_ on the same [N, R] took ~28 us at 8192 x 8192 with 0.5% outliers on the
-H200 (results/kernels_h200.md, session 5), a fifth of the M = 256 GEMM.  The CPU interpreter has no 16-bit
-atomics: there the slots go one column r at a time (rows distinct within a step, duplicates in later steps).
 """
 import triton
 import triton.language as tl
@@ -51,34 +44,3 @@ def ell_add(x, idx, val, out):
     ell_add_kernel[grid](xt, out, idx, val, m, n, r, xt.stride(0), out.stride(0), idx.stride(0), val.stride(0),
                          BN=BN, BR=BR, BM=bm, num_warps=4)
     return out
-
-
-@triton.jit
-def ell_scatter_kernel(w_ptr, oi_ptr, ov_ptr, N, R, stride_w, stride_oi, stride_ov,
-                       BN: tl.constexpr, RP: tl.constexpr, ATOMIC: tl.constexpr):
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
-    if ATOMIC:
-        offs_r = tl.arange(0, RP)
-        rmask = mask_n[:, None] & (offs_r[None, :] < R)
-        idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0).to(tl.int32)
-        val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-        tl.atomic_add(w_ptr + offs_n[:, None] * stride_w + idx, val.to(w_ptr.dtype.element_ty),
-                      mask=rmask & (val != 0), sem="relaxed")
-    else:
-        for r in range(0, R):
-            idx = tl.load(oi_ptr + offs_n * stride_oi + r, mask=mask_n, other=0).to(tl.int32)
-            val = tl.load(ov_ptr + offs_n * stride_ov + r, mask=mask_n, other=0.0)
-            ptrs = w_ptr + offs_n * stride_w + idx
-            w = tl.load(ptrs, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(ptrs, (w + val.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=mask_n)
-
-
-def ell_scatter(w, idx, val):
-    """w [N, K] += H for ELL (idx, val) [N, R], in place (each add rounded to w's dtype); returns w."""
-    n, r = idx.shape
-    rp = triton.next_power_of_2(r)
-    bn = max(1, min(64, 2048 // rp))  # ~2048 slots per program: 16 per thread at 4 warps
-    ell_scatter_kernel[(triton.cdiv(n, bn),)](w, idx, val, n, r, w.stride(0), idx.stride(0), val.stride(0),
-                                              BN=bn, RP=rp, ATOMIC=w.is_cuda, num_warps=4)
-    return w
