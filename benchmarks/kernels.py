@@ -11,6 +11,7 @@ scales/zeros + outlier slots + x + y (before 2026-12-02 11:30 UTC it counted bot
 gbs column, run earlier that day, is ~2x too high on the weight part).
 """
 import argparse
+import itertools
 import csv
 import math
 import os
@@ -240,30 +241,27 @@ def bench(args, writer):
 
 
 def large_m_parts(args, writer):
-    """The large-M path's parts, each timed alone (M = 256, first shape of --shapes, 0% and 0.5% outliers):
-    dequantize, dequantize + the outlier scatter, cuBLAS on a ready weight, the whole gemm.dequant_matmul."""
+    """The large-M path's parts, each timed alone (M = 256, each shape of --shapes, 0% and 0.5% outliers):
+    dequantize, dequantize with the outliers added, cuBLAS on a ready weight, the whole gemm.dequant_matmul."""
     from quantease.kernels import gemm
-    from quantease.kernels.outliers import ell_scatter
 
-    n, k = args.shapes[0]
     m = 256
-    print(f"\nlarge-M parts, {n}x{k} M={m}: | outliers | dequantize us | + scatter us | cuBLAS us | dequant_matmul us |")
-    for fraction in (0.0, 0.005):
+    print(f"\nlarge-M parts, M={m}: | N x K | outliers | dequantize us | with outliers us | cuBLAS us | "
+          "dequant_matmul us |")
+    for (n, k), fraction in itertools.product(args.shapes, (0.0, 0.005)):
         p, _ = make_prepared(n, k, 3, -1, fraction)
         deq = time_kernel(p, m, lambda x, q, o: gemm.dequantize(q, x.dtype))
         sc = "-"
         if p["outlier_idx"] is not None:
-            def scatter(x, q, o):
-                return ell_scatter(gemm.dequantize(q, x.dtype), q["outlier_idx"], q["outlier_val"])
-            sc = f"{time_kernel(p, m, scatter):.1f}"
+            sc = f"{time_kernel(p, m, lambda x, q, o: gemm.dequantize(q, x.dtype, outliers=True)):.1f}"
         w = gemm.dequantize(p, torch.float16)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ws = [w] + [w.clone() for _ in range(n_copies(w.numel() * 2) - 1)]
         mm = graph_time([lambda w=w: torch.matmul(x, w.t()) for w in ws])
         del ws, w
         full = time_kernel(p, m, lambda x, q, o: gemm.dequant_matmul(x, q, None, o))
-        print(f"| {fraction * 100:g}% | {deq:.1f} | {sc} | {mm:.1f} | {full:.1f} |", flush=True)
-        writer.writerow(["parts", n, k, m, fraction, "dequant/scatter/cublas/full", f"{deq:.2f}", sc, f"{mm:.2f}",
+        print(f"| {n}x{k} | {fraction * 100:g}% | {deq:.1f} | {sc} | {mm:.1f} | {full:.1f} |", flush=True)
+        writer.writerow(["parts", n, k, m, fraction, "dequant/with_outliers/cublas/full", f"{deq:.2f}", sc, f"{mm:.2f}",
                          f"{full:.2f}"])
         del p
 

@@ -237,13 +237,13 @@ def test_dequantize_adds_outliers_duplicates_and_padding(dtype):  # the large-M 
     from quantease.kernels import gemm
 
     g = torch.Generator().manual_seed(5)
-    n, k, r = 37, 700, 7
+    n, k, r = 37, 700, 40  # 3 blocks of 256 columns, 3 chunks of gemm.DQ_BR slots: chunks skipped per block
     qweight, scales, zeros = make_weight(n, k, 3, -1, 0.0, False, 6)[:3]
     idx = torch.sort(torch.randint(0, k, (n, r), generator=g), 1).values
     idx[:, 2] = idx[:, 1]  # a real duplicate in every row: both values must land
     val = torch.randn(n, r, generator=g).half()
-    val[::3, 5:] = 0  # padding (value 0) repeating the last index
-    idx[::3, 5:] = idx[::3, 4:5]
+    val[::3, 25:] = 0  # padding (value 0) repeating the last index
+    idx[::3, 25:] = idx[::3, 24:25]
     idx, val = idx.to(torch.int16).to(DEVICE), val.to(DEVICE)
     p = prepare_weights(qweight, scales, zeros, idx, val, 3, -1, k)
     dense = layout.dequantize_packed(qweight, scales, zeros, None, None, 3, -1, k)
