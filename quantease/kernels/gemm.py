@@ -10,9 +10,9 @@ and groups of whole blocks (group_size % 256 == 0) the scale multiplies the fp32
 rounding s * (c - z) to 16 bits.  Other group sizes dequantize per element.  Outliers are added after the K
 loop by a second launch (kernels/outliers.py), which reads x transposed so that the gathers are wide.
 
-For M > ops.SWAP_MAX_M (CUDA) the dispatcher instead dequantizes the weight once (dequant_kernel, same unpack),
-scatters the outliers into it and calls cuBLAS (dequant_matmul): at M = 256 that measured 1.4-2.5x faster than
-this fused kernel on the H100, 1.7-2.5x on the H200.
+For M > ops.SWAP_MAX_M (CUDA) the dispatcher instead dequantizes the weight once (dequant_kernel, same unpack,
+the outliers added in the same kernel) and calls cuBLAS (dequant_matmul): at M = 256 that measured 1.4-2.5x faster
+than this fused kernel on the H100, 1.7-2.5x on the H200.
 """
 import torch
 import triton
@@ -349,10 +349,11 @@ def dequantize(p, dtype, outliers=False):
 
 
 def dequant_matmul(x, p, bias, out):
-    """Large-M path: dense weight (this call only) with the outliers scattered into it, then one cuBLAS call.
-    Scattering costs N x R adds; adding x @ H^T after the GEMM (the ELL kernel, the small-M epilogues) costs
-    M x N x R gathers: +21-55% at M = 256 on the H200 (results/kernels_h200.md), more at prefill's M in the
-    thousands.  The outlier lands on the weight rounded to x's dtype: one more rounding of those few elements."""
+    """Large-M path: dense weight (this call only) with the outliers added in (dequantize), then one cuBLAS call.
+    That costs N x R adds; adding x @ H^T after the GEMM (the ELL kernel, the small-M epilogues) costs M x N x R
+    gathers: +21-55% at M = 256 on the H200 in session 4, +6-22% now (results/kernels_h200.md), and vLLM's prefill
+    went from 0.59x to 0.93x fp16.  The outlier lands on the weight rounded to x's dtype: one more rounding of those
+    few elements."""
     w = dequantize(p, x.dtype, outliers=True)
     if bias is not None:
         torch.addmm(bias.to(out.dtype), x, w.t(), out=out)

@@ -11,7 +11,7 @@ On Hopper, wgmma takes A from registers and B from shared memory, so in this ori
 need not go through shared memory (v3 had it as B: one smem round trip per slot); only x^T (small, L2-resident)
 is staged in smem.  Triton 3.6 keeps A in registers only if every op between the loads and the dot is an
 elementwise arith op (or a unary inline asm) on loaded tiles and constants, with no narrowing conversion
-(OptimizeDotOperands' MMAV3HoistLayoutConversion), and only without its software pipelining.  Hence two paths:
+(OptimizeDotOperands' MMAV3HoistLayoutConversion), and only without its software pipelining.  Hence the paths:
 
   REGA (fp16/bf16 x, per channel or groups of whole blocks, symmetric or asymmetric): the code stays float32
     from the unpack (2**(23 - p) + c, two LOP3s, one FADD: c - 2**(b-1) exactly) to a tf32 wgmma -- exact,
@@ -25,6 +25,13 @@ elementwise arith op (or a unary inline asm) on loaded tiles and constants, with
     the slot tiles of each block as the loop loads them (+26 registers at (16, 64, 4)).
   16-bit A (everything else, and large M where the MMA rate matters): the same unpack, rounded to x's dtype;
     Triton stages that tile through shared memory per slot (STSM + LDSM), loads pipelined (num_stages >= 2).
+  1-warp programs (num_warps 1, the table's M <= 32 entries; 16-bit A): a dot in one warp cannot be a wgmma, so
+    triton emits mma.sync (HMMA.16816) with BOTH operands in registers -- the unpacked tile straight from the
+    unpack, the x^T fragments loaded from global in the operand layout -- and no smem, fence or barrier in the K
+    loop (H200: 15% faster than the 4-warp register-A loop at M = 4-16, results/kernels_swap.md).  That holds only
+    with kWidth 4, which triton derives from the narrowest type feeding the weight tile: the asymmetric uint8 zero
+    gives it; symmetric grids load a dummy uint8 zero for it (ZLOAD).  WPF loads the next block's words one
+    iteration ahead (it wins at BM 32).
 Per-channel scales (and groups of whole blocks) multiply the fp32 acc, not the weight.  Other group sizes
 dequantize per element (s * (c - z) rounded to 16 bits, as gemm.py does) on the 16-bit path.
 
@@ -48,9 +55,10 @@ from quantease.errors import QuantEaseError
 from quantease.kernels.gemm import block_grid, block_loads, block_split, block_words, group_dequant, slot_codes
 from quantease.kernels.outliers import ell_add
 
-# (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF]) by M bucket; SPLIT_K 0 = pick_split (wrapper); XPF = x
-# tiles loaded that many slots ahead (REGA path).  Measured on the H100 (results/kernels_swap.md): the 10:05 UTC
-# sweep over 6 shapes for 32/128/256, the 10:40 UTC --quick run (4096^2, 8192^2, 28672x8192, M 4/16/64) for 16/64:
+# (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF[, PIPE[, WPF]]]) by M bucket; SPLIT_K 0 = pick_split
+# (wrapper); XPF = x tiles loaded that many slots ahead; PIPE, WPF: see qgemm_swap.  Measured on the H100
+# (results/kernels_swap.md): the 10:05 UTC sweep over 6 shapes for 32/128/256, the 10:40 UTC --quick run (4096^2,
+# 8192^2, 28672x8192, M 4/16/64) for 16/64 (16 and 32: the H200 entries below replaced them):
 # M <= 16 (16, 64, 4, 1, 8, True, 4) 11.4-11.7 / 31.3-32.7 / 87.8-91.3 us (sum 266 us; (16, 128, ..., XPF 2): 270,
 # the old table entry without prefetch: 320); M = 64 (64, 128, 8, 1, 0, True, 2) 15.9 / 50.7 / 175.1 us, best on all 3.
 CONFIGS = {

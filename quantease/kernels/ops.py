@@ -20,7 +20,8 @@ TRITON_INTERPRET=1: that is how CI tests the kernels), "torch".  Pass backend= o
 Triton path: GEMV (kernels/gemv.py) for M <= GEMV_MAX_M rows; swap-AB tensor-core GEMM (kernels/gemm_swap.py)
 up to SWAP_MAX_M rows; above that (CUDA only) dequantize to a dense weight for this call + cuBLAS.  The
 outliers are fused in the GEMV and the swap GEMM's epilogue (small tiles), else a second launch
-(kernels/outliers.py); the dequant path scatters them into its dense weight (N x R adds instead of M x N x R).
+(kernels/outliers.py); the dequant path adds them to its dense weight in the dequant kernel (N x R adds instead of
+M x N x R).
 kernels/gemm.py (the v3 fused GEMM) stays as the dequant kernel's home and a reference point in the benchmarks.
 GEMV variant: the GEMV rows go to kernels/gemv_half2.py (two weights per logic op; 1.08-1.67x faster than v1 at
 M = 1 on the H100 sweep, results/kernels_gemv.md) where it applies (3-bit, per channel or groups of a multiple of
