@@ -254,6 +254,12 @@ def large_m_parts(args, writer):
         sc = "-"
         if p["outlier_idx"] is not None:
             sc = f"{time_kernel(p, m, lambda x, q, o: gemm.dequantize(q, x.dtype, outliers=True)):.1f}"
+        for blocks in args.dq_blocks:  # 256-column blocks per dequant program (gemm.DQ_BLOCKS: the default)
+            out = [time_kernel(p, m, lambda x, q, o, b=blocks, f=f: gemm.dequantize(q, x.dtype, outliers=f, blocks=b))
+                   for f in ((False, True) if p["outlier_idx"] is not None else (False,))]
+            print(f"  {n}x{k} {fraction * 100:g}%: dequantize with {blocks} blocks per program: "
+                  + " / ".join(f"{us:.1f}" for us in out) + " us (without / with the outliers)", flush=True)
+            writer.writerow(["parts", n, k, m, fraction, f"dequant_blocks{blocks}"] + [f"{us:.2f}" for us in out])
         w = gemm.dequantize(p, torch.float16)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ws = [w] + [w.clone() for _ in range(n_copies(w.numel() * 2) - 1)]
@@ -358,7 +364,8 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--parts", action="store_true", help="the large-M path's parts timed alone (first shape)")
+    ap.add_argument("--parts", action="store_true", help="the large-M path's parts timed alone (each shape)")
+    ap.add_argument("--dq-blocks", default="", help="--parts: also time dequantize with these blocks per program")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--plot", metavar="CSV")
     ap.add_argument("--note", default="", help="--plot: subtitle (machine, date)")
@@ -370,6 +377,7 @@ def main():
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]
     args.ms = [int(m) for m in args.ms.split(",")]
+    args.dq_blocks = [int(b) for b in args.dq_blocks.split(",") if b]
     if args.plot:
         plot(args.plot, os.path.join(os.path.dirname(__file__), "plots", "kernels_speedup.png"), args.note)
         return

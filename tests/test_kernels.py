@@ -232,12 +232,16 @@ def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M > ops.SWAP_M
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
-def test_dequantize_adds_outliers_duplicates_and_padding(dtype):  # the large-M path's weight, odd N, K, R
+@pytest.mark.parametrize("dtype,blocks,k", ((torch.float32, 1, 700), (torch.float16, 1, 700),
+                                            (torch.bfloat16, 1, 700), (torch.float16, 2, 1300),
+                                            (torch.float32, 4, 1300)))
+def test_dequantize_adds_outliers_duplicates_and_padding(dtype, blocks, k):  # the large-M weight, odd N, K, R
     from quantease.kernels import gemm
 
     g = torch.Generator().manual_seed(5)
-    n, k, r = 37, 700, 40  # 3 blocks of 256 columns, 3 chunks of gemm.DQ_BR slots: chunks skipped per block
+    # 700: 3 blocks of 256 columns, 1300: 6 (with 2 / 4 blocks per program the last program is partly past K);
+    # R = 40: 3 chunks of gemm.DQ_BR slots, skipped where they cannot reach a program's columns
+    n, r = 37, 40
     qweight, scales, zeros = make_weight(n, k, 3, -1, 0.0, False, 6)[:3]
     idx = torch.sort(torch.randint(0, k, (n, r), generator=g), 1).values
     idx[:, 2] = idx[:, 1]  # a real duplicate in every row: both values must land
@@ -248,11 +252,12 @@ def test_dequantize_adds_outliers_duplicates_and_padding(dtype):  # the large-M 
     p = prepare_weights(qweight, scales, zeros, idx, val, 3, -1, k)
     dense = layout.dequantize_packed(qweight, scales, zeros, None, None, 3, -1, k)
     want = dense.to(dtype).double().scatter_add(1, idx.long(), val.double())  # dense rounded, outliers added
-    got = gemm.dequantize(p, dtype, outliers=True).double()
+    got = gemm.dequantize(p, dtype, outliers=True, blocks=blocks).double()
     atol = {torch.float32: 1e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]  # the sum's one rounding
     torch.testing.assert_close(got, want, rtol=0, atol=atol)
     # outliers=False: the codes alone (within one rounding: the interpreter's bf16 conversion is its own)
-    torch.testing.assert_close(gemm.dequantize(p, dtype).double(), dense.to(dtype).double(), rtol=0, atol=atol)
+    torch.testing.assert_close(gemm.dequantize(p, dtype, blocks=blocks).double(), dense.to(dtype).double(), rtol=0,
+                               atol=atol)
 
 
 @needs_triton

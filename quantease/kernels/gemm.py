@@ -240,31 +240,35 @@ def qgemm(x, p, bias, out, config=None, inplace=True, asm=True):
 # Above ops.SWAP_MAX_M rows the fused kernels' per-tile unpack (redone for every BM rows) costs more than writing
 # the dense weight once and handing it to cuBLAS (benchmarks/kernels.py, kernels_swap.py measured the crossover).
 DQ_BN = 32
+# 256-column blocks per dequant program.  1 is what the H200 measured (results/kernels_h200.md, session 5); more
+# blocks per program spread the outlier add's chain of dependent loads (chunk bounds, then chunks) over more
+# columns -- prepared, not yet timed: `kernels.py --parts --dq-blocks 1,2,4` (kernel_notes.md "Session 5")
+DQ_BLOCKS = 1
 DQ_BR = 16  # outlier slots per chunk of the dequant kernel's add (chunks out of the block's range are skipped)
 
 
 @triton.jit
-def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, N, K, R, group_size,
-                   stride_w, stride_p0, stride_p1, stride_s, stride_z, stride_oi, stride_ov,
-                   BITS: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                   PER_CHANNEL: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr, OUTLIERS: tl.constexpr,
-                   BR: tl.constexpr, NCH: tl.constexpr, ATOMIC: tl.constexpr):
-    """w [N, K] = s * (code - z) (+ the outliers), one 256-column block per program (same unpack as the GEMM)."""
+def _dequant_block(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, offs_n, mask_n, blk, K, group_size, stride_w, stride_p0,
+                   stride_p1, stride_s, stride_z, BITS: tl.constexpr, W0: tl.constexpr,
+                   ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, PER_CHANNEL: tl.constexpr, ASM: tl.constexpr,
+                   GUARD: tl.constexpr):
+    """w[offs_n, 256 blk .. + 256] = s * (code - z); GUARD: the block may lie past K (reads and writes nothing)."""
     PW: tl.constexpr = 32 // W0
     WPB: tl.constexpr = 8 * W0
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    blk = tl.program_id(1)
-    mask_n = offs_n < N
     q = tl.arange(0, WPB)
-    a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=mask_n[:, None], other=0)
+    if GUARD:
+        lmask = (mask_n & (blk * 256 + offs_n * 0 < K))[:, None]
+    else:
+        lmask = mask_n[:, None]
+    a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=lmask, other=0)
     if BITS == 3:
         hcol = (q // 16) * 8 + (q % 8)
-        hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=mask_n[:, None],
+        hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=lmask,
                      other=0) >> ((q % 16) // 8)[None, :]
         a_hi = a >> 16
         h_hi = hs >> 16
         h_15 = hs << 16
-    if PER_CHANNEL:  # one scale / zero per row: loaded once, not per slot
+    if PER_CHANNEL:  # one scale / zero per row: loaded once per block, not per slot
         s_row = tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         if HAS_ZEROS:
             z_row = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0).to(tl.float32)[:, None]
@@ -290,11 +294,28 @@ def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, N, K, R,
             c = ((a >> (W0 * j)) & ((1 << W0) - 1)).to(tl.float32)
         tl.store(w_ptr + offs_n[:, None] * stride_w + kx[None, :], ((c - z) * s).to(w_ptr.dtype.element_ty),
                  mask=wmask)
-    if OUTLIERS:  # the slots of these rows that fall in this block, added onto the tile just written (in L2)
-        lo = blk * 256
+
+
+@triton.jit
+def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, N, K, R, group_size,
+                   stride_w, stride_p0, stride_p1, stride_s, stride_z, stride_oi, stride_ov,
+                   BITS: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                   PER_CHANNEL: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr, BLOCKS: tl.constexpr,
+                   OUTLIERS: tl.constexpr, BR: tl.constexpr, NCH: tl.constexpr, ATOMIC: tl.constexpr):
+    """w [N, K] = s * (code - z) (+ the outliers): BN rows x BLOCKS 256-column blocks per program (same unpack as
+    the GEMM), then the outlier slots of those rows that fall in its columns."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    for b in tl.static_range(BLOCKS):
+        _dequant_block(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, offs_n, mask_n, tl.program_id(1) * BLOCKS + b, K,
+                       group_size, stride_w, stride_p0, stride_p1, stride_s, stride_z, BITS, W0, ZERO, HAS_ZEROS,
+                       PER_CHANNEL, ASM, BLOCKS > 1)
+    if OUTLIERS:  # the slots of these rows that fall in its columns, added onto the tiles just written (in L2)
+        SPAN: tl.constexpr = BLOCKS * 256
+        lo = tl.program_id(1) * SPAN
         if ATOMIC:
             tl.debug_barrier()  # this program's stores before its adds
-        # a row's indices are sorted: the chunks of BR slots that can reach this block are those whose first
+        # a row's indices are sorted: the chunks of BR slots that can reach these columns are those whose first
         # index is below its end and whose last is not below its start in some row.  The bounds of all NCH chunks
         # come in one load; walking all R slots per block instead cost +40% at 8192x28672 (H200), and a
         # load-then-branch per chunk made each program a chain of cdiv(R, BR) round trips
@@ -303,7 +324,7 @@ def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, N, K, R,
         row = oi_ptr + offs_n[:, None] * stride_oi
         first = tl.load(row + c[None, :] * BR, mask=cmask, other=K).to(tl.int32)
         last = tl.load(row + tl.minimum(c[None, :] * BR + BR, R) - 1, mask=cmask, other=-1).to(tl.int32)
-        need = tl.max(((last >= lo) & (first < lo + 256)).to(tl.int32), axis=0)  # [NCH]
+        need = tl.max(((last >= lo) & (first < lo + SPAN)).to(tl.int32), axis=0)  # [NCH]
         c_lo = tl.min(tl.where(need > 0, c, NCH), axis=0)
         c_hi = tl.max(tl.where(need > 0, c, -1), axis=0)
         for cc in range(c_lo, c_hi + 1):
@@ -314,20 +335,20 @@ def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, N, K, R,
                 idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
                 idx = idx.to(tl.int32)
                 val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-                hit = rmask & (val != 0) & (idx >= lo) & (idx < lo + 256)
+                hit = rmask & (val != 0) & (idx >= lo) & (idx < lo + SPAN)
                 tl.atomic_add(w_ptr + offs_n[:, None] * stride_w + idx, val.to(w_ptr.dtype.element_ty),
                               mask=hit, sem="relaxed")
             else:  # the CPU interpreter (no 16-bit atomics): a slot column at a time, rows distinct in a step
                 for r in range(r0, tl.minimum(r0 + BR, R)):
                     idx = tl.load(oi_ptr + offs_n * stride_oi + r, mask=mask_n, other=0).to(tl.int32)
                     val = tl.load(ov_ptr + offs_n * stride_ov + r, mask=mask_n, other=0.0)
-                    hit = mask_n & (idx >= lo) & (idx < lo + 256)
+                    hit = mask_n & (idx >= lo) & (idx < lo + SPAN)
                     ptrs = w_ptr + offs_n * stride_w + idx
                     w = tl.load(ptrs, mask=hit, other=0.0).to(tl.float32)
                     tl.store(ptrs, (w + val.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=hit)
 
 
-def dequantize(p, dtype, outliers=False):
+def dequantize(p, dtype, outliers=False, blocks=None):
     """Prepared dict -> dense weight [N, K] in dtype, on the GPU; outliers=True adds them in the same kernel
     (each rounded to dtype once more).  The adds touch lines the program has just written: as a separate
     scatter after the whole weight they cost +28 us at 8192^2 with 0.5% (H200, kernels.py --parts: 57.9 -> 85.7)."""
@@ -336,13 +357,14 @@ def dequantize(p, dtype, outliers=False):
     plane1 = p["plane1"] if p["plane1"] is not None else p["plane0"]
     zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
     outliers = outliers and oi is not None
-    dequant_kernel[(triton.cdiv(n, DQ_BN), triton.cdiv(k, 256))](
+    blocks = blocks or DQ_BLOCKS
+    dequant_kernel[(triton.cdiv(n, DQ_BN), triton.cdiv(k, 256 * blocks))](
         w, p["plane0"], plane1, p["scales"], zeros if zeros is not None else p["scales"],
         oi if outliers else p["plane0"], ov if outliers else p["scales"], n, k, oi.shape[1] if outliers else 0,
         p["group_size"], w.stride(0), p["plane0"].stride(0), plane1.stride(0), p["scales"].stride(0),
         zeros.stride(0) if zeros is not None else 0, oi.stride(0) if outliers else 0, ov.stride(0) if outliers else 0,
         BITS=bits, W0=2 if bits == 3 else bits, ZERO=float(2 ** (bits - 1)), HAS_ZEROS=zeros is not None,
-        PER_CHANNEL=p["group_size"] == -1, ASM=w.is_cuda, BN=DQ_BN, OUTLIERS=outliers, BR=DQ_BR,
+        PER_CHANNEL=p["group_size"] == -1, ASM=w.is_cuda, BN=DQ_BN, BLOCKS=blocks, OUTLIERS=outliers, BR=DQ_BR,
         NCH=triton.next_power_of_2(triton.cdiv(oi.shape[1], DQ_BR)) if outliers else 1, ATOMIC=w.is_cuda,
         num_warps=4)
     return w
