@@ -342,7 +342,8 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
     many slots ahead, 0..4; PIPE: the REGA path's K loop software-pipelined that deep by triton -- words and x slot
     tiles as cp.async copies into shared memory, the unpacked weight still the register A operand -- None: off;
     WPF: the next block's plane words loaded one iteration ahead into registers -- for the 1-warp mma.sync
-    configs, whose loop has no other way to overlap the DRAM round trip)."""
+    configs, which have no pipelining; measured faster at BM 32, not at BM 16, where ptxas sinks those loads to the
+    end of the loop body)."""
     m, k = x.shape
     n = p["out_features"]
     cfg = tuple(config or pick_config(m))
