@@ -124,8 +124,8 @@ PIPE_QUICK = {
          (32, 64, 4, 1, 0, True, 0, 2), (32, 64, 4, 1, 0, True, 2), (64, 64, 4, 1, 0, True, 0, 2)],
 }
 
-# --mma2 (session 4, run in session 5: results/kernels_swap.md): 1-warp programs on the 16-bit path.  A dot in a 1-warp program cannot be a
-# wgmma (warp groups of 4), so triton emits mma.sync (HMMA.16816) with BOTH operands in registers: sm_90 AOT (triton
+# --mma2 (session 4; run in session 5: results/kernels_swap.md): 1-warp programs on the 16-bit path.  A dot in a
+# 1-warp program cannot be a wgmma (warp groups of 4), so triton emits mma.sync (HMMA.16816) with BOTH operands in registers: sm_90 AOT (triton
 # 3.6, asym, fp16): (16, 16, 1, stages 1) 100 registers, no spills, no STS / BAR in the loop (x^T fragments loaded
 # straight from global), 816 instructions per 4096-weight block iteration; (16, 16, 1) + fused outliers 96;
 # (16, 32, 1) 175; (64, 16, 1) 168; (16, 16, 1, stages 3) 123 with cp.async x / words.  Table entries first.
