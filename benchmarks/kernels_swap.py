@@ -125,18 +125,19 @@ PIPE_QUICK = {
 }
 
 # --mma2 (session 4; run in session 5: results/kernels_swap.md): 1-warp programs on the 16-bit path.  A dot in a
-# 1-warp program cannot be a wgmma (warp groups of 4), so triton emits mma.sync (HMMA.16816) with BOTH operands in registers: sm_90 AOT (triton
-# 3.6, asym, fp16): (16, 16, 1, stages 1) 100 registers, no spills, no STS / BAR in the loop (x^T fragments loaded
-# straight from global), 816 instructions per 4096-weight block iteration; (16, 16, 1) + fused outliers 96;
-# (16, 32, 1) 175; (64, 16, 1) 168; (16, 16, 1, stages 3) 123 with cp.async x / words.  Table entries first.
+# 1-warp program cannot be a wgmma (warp groups of 4), so triton emits mma.sync (HMMA.16816) with BOTH operands in
+# registers: sm_90 AOT (triton 3.6, asym, fp16): (16, 16, 1, stages 1) 100 registers, no spills, no STS / BAR in the
+# loop (x^T fragments loaded straight from global), 816 instructions per 4096-weight block iteration; (16, 16, 1) +
+# fused outliers 96; (16, 32, 1) 175; (64, 16, 1) 168; (16, 16, 1, stages 3) 123 with cp.async x / words.
 MMA2_QUICK = {  # SPLIT_K 0: auto, to gemm_swap.SPLIT_TARGET_ONE_WARP programs for 1-warp configs
     16: [(16, 64, 4, 1, 8, True, 4), (16, 16, 1, 1, 0, False), (16, 16, 1, 1, 4, False), (16, 16, 1, 3, 0, False),
          (16, 32, 1, 1, 0, False), (16, 16, 1, 1, 2, False), (16, 16, 1, 1, 4, True, 0)],
     64: [(64, 128, 8, 1, 0, True, 2), (32, 64, 4, 1, 0, True, 2), (32, 16, 1, 1, 0, False), (64, 16, 1, 1, 0, False),
          (64, 16, 1, 1, 2, False), (32, 16, 1, 1, 8, False)],
 }
-# --mma2 --wpf (session 5): round 2 around the winner of round 1, (16, 32, 1, 1, auto) 28.5-29.9 us at 8192^2 M = 2-16
-# (results/kernels_swap.md, H200 session 5): words loaded a block ahead (9th element WPF), x prefetch, explicit splits, 2 warps
+# --wpf (session 5): round 2 around the winner of round 1, (16, 32, 1, 1, auto) 28.5-29.9 us at 8192^2 M = 2-16
+# (results/kernels_swap.md, H200 session 5): words loaded a block ahead (9th element WPF), x prefetch, explicit
+# splits, 2 warps
 WPF_QUICK = {
     16: [(16, 32, 1, 1, 0, False), (16, 32, 1, 1, 0, False, 0, None, 1), (16, 16, 1, 1, 0, False, 0, None, 1),
          (16, 32, 1, 1, 4, False), (16, 32, 1, 1, 0, False, 2), (16, 32, 1, 1, 0, False, 2, None, 1),
