@@ -74,3 +74,6 @@ if WPF_OFF:  # the 1-warp mma.sync configs (16-bit A): asymmetric without and wi
         for zload in (False, True):
             build(gemm_swap.qgemm_swap_kernel, dict(c, BN=bn, WPF=False, HAS_ZEROS=False, ZLOAD=zload), 1, 1,
                   f"mma2_bn{bn}_sym_zload{int(zload)}")
+    for zload in (False, True):  # symmetric groups of whole blocks (block_grid's zero)
+        build(gemm_swap.qgemm_swap_kernel, dict(c, BN=16, WPF=False, HAS_ZEROS=False, GROUP_MODE=1, ZLOAD=zload), 1,
+              1, f"mma2_bn16_sym_g1_zload{int(zload)}")

@@ -201,6 +201,8 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
         if GROUP_MODE == 1:
             sb, zb = block_grid(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, blk, group_size, HAS_ZEROS, ZERO,
                                 BN)
+            if ZLOAD:  # the loaded symmetric zero (see zn), not block_grid's constant
+                zb = zn
             part = tl.zeros((BN, BM), dtype=tl.float32)
             if XSUM:  # the block's zero differs: its own x sum, from the slot tiles the loop loads anyway
                 xa = tl.zeros((WPB, BM), dtype=tl.float32)
