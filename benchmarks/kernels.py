@@ -28,8 +28,9 @@ FRACTIONS = (0.0, 0.005, 0.01)
 ROTATE_BYTES = 512 << 20
 
 
-def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0):
-    """Random checkpoint tensors (every bit pattern is a valid code) -> prepared dict + checkpoint tuple."""
+def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0, asym=False):
+    """Random checkpoint tensors (every bit pattern is a valid code; asym: random zeros, else symmetric) ->
+    prepared dict + checkpoint tuple."""
     from quantease.format import layout
     from quantease.kernels import prepare_weights
 
@@ -44,7 +45,8 @@ def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0):
         idx = torch.sort(torch.randint(0, k, (n, r), generator=g, device=device), 1).values
         idx = idx.to(layout.index_dtype(k))
         val = torch.randn(n, r, generator=g, device=device).half()
-    ckpt = (qweight, scales, None, idx, val)
+    zeros = torch.randint(0, 2 ** bits, (n, ng), generator=g, device=device, dtype=torch.uint8) if asym else None
+    ckpt = (qweight, scales, zeros, idx, val)
     return prepare_weights(*ckpt, bits, group_size, k), ckpt
 
 
@@ -208,17 +210,20 @@ def sweep(args, writer):
 
 
 def bench(args, writer):
+    # "default": 3-bit per channel, symmetric (what the plots read); other grids get their own variant name
+    variant = "default" + (f"_g{args.group_size}" if args.group_size != -1 else "") + ("_asym" if args.asym else "")
+    print(f"weights: 3-bit, group size {args.group_size}, {'asymmetric' if args.asym else 'symmetric'}", flush=True)
     fp16 = {}
     rows = []
     for n, k in args.shapes:
         for fraction in args.fractions:
-            p, _ = make_prepared(n, k, 3, -1, fraction)
+            p, _ = make_prepared(n, k, 3, args.group_size, fraction, asym=args.asym)
             for m in args.ms:
                 base = time_fp16(n, k, m, fp16)
                 us = time_kernel(p, m, run_default)
                 gbs = (call_bytes(p, m) + 2 * m * (n + k)) / us / 1e3
                 rows.append((n, k, m, fraction, us, gbs, base))
-                writer.writerow(["bench", n, k, m, fraction, "default", f"{us:.2f}", f"{gbs:.0f}", f"{base / us:.3f}",
+                writer.writerow(["bench", n, k, m, fraction, variant, f"{us:.2f}", f"{gbs:.0f}", f"{base / us:.3f}",
                                  f"{base:.2f}"])
                 if m == 256 and fraction == 0.0:  # the fused GEMM that the dequant+cuBLAS path replaces here
                     from quantease.kernels import gemm
@@ -373,6 +378,8 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="--bench: NxK,NxK,...")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="--bench: outlier fractions")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="--bench: M values")
+    ap.add_argument("--group-size", type=int, default=-1, help="--bench: scale groups (-1: per channel)")
+    ap.add_argument("--asym", action="store_true", help="--bench: asymmetric weights (random zeros)")
     args = ap.parse_args()
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]
