@@ -45,7 +45,10 @@ def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0, asym=
         idx = torch.sort(torch.randint(0, k, (n, r), generator=g, device=device), 1).values
         idx = idx.to(layout.index_dtype(k))
         val = torch.randn(n, r, generator=g, device=device).half()
-    zeros = torch.randint(0, 2 ** bits, (n, ng), generator=g, device=device, dtype=torch.uint8) if asym else None
+    zeros = None
+    if asym:  # own stream: the symmetric draws above stay the same with or without zeros
+        gz = torch.Generator(device=device).manual_seed(seed + 1000)
+        zeros = torch.randint(0, 2 ** bits, (n, ng), generator=gz, device=device, dtype=torch.uint8)
     ckpt = (qweight, scales, zeros, idx, val)
     return prepare_weights(*ckpt, bits, group_size, k), ckpt
 

@@ -44,16 +44,7 @@ CANDIDATES = {
 
 def make_prepared(n, k, fraction, device, seed=0, asym=None):
     """kb.make_prepared (3-bit per channel), with random zeros in [0, 8) per row when asym (default: --asym)."""
-    from quantease.format import layout
-    from quantease.kernels import prepare_weights
-
-    p, ckpt = kb.make_prepared(n, k, 3, -1, fraction, device=device, seed=seed)
-    if not (ASYM if asym is None else asym):
-        return p, ckpt
-    g = torch.Generator(device=device).manual_seed(seed + 1000)
-    zeros = torch.randint(0, 8, (n, layout.num_groups(k, -1)), generator=g, device=device, dtype=torch.uint8)
-    ckpt = (ckpt[0], ckpt[1], zeros) + tuple(ckpt[3:])
-    return prepare_weights(*ckpt, 3, -1, k), ckpt
+    return kb.make_prepared(n, k, 3, -1, fraction, device=device, seed=seed, asym=ASYM if asym is None else asym)
 
 
 class Tee:

@@ -52,7 +52,7 @@ def build(fn, consts, warps, stages, tag):
 
 base = dict(W0=2, ZERO=4, INPLACE=True, ASM=True, IEEE=False)
 # WPF / ZLOAD (session 5) off: the same SASS as before they existed; a checkout without them compiles without
-WPF_OFF = dict(WPF=False, ZLOAD=False) if "WPF" in gemm_swap.qgemm_swap_kernel.arg_names else {}
+NEW_FLAGS_OFF = dict(WPF=False, ZLOAD=False) if "WPF" in gemm_swap.qgemm_swap_kernel.arg_names else {}
 for bits, zeros, mode in ((3, True, 0), (3, True, 1), (3, False, 0), (4, True, 0), (3, True, 2)):
     c = dict(base, BITS=bits, W0=2 if bits == 3 else bits, ZERO=2 ** (bits - 1), HAS_ZEROS=zeros, GROUP_MODE=mode,
              HAS_BIAS=False, INPLACE=bits == 3 and mode != 2)
@@ -61,10 +61,10 @@ for bits, zeros, mode in ((3, True, 0), (3, True, 1), (3, False, 0), (4, True, 0
         if rega and mode == 2:
             continue
         sc = dict(c, OUTLIERS=outl, REGA=rega, SPLIT=True, ATOMIC=True, BM=16, BN=128, BR=2, XPF=xpf, XBK=256,
-                  PIPE=None, **WPF_OFF)
+                  PIPE=None, **NEW_FLAGS_OFF)
         build(gemm_swap.qgemm_swap_kernel, sc, 4, 1 if rega else 2,
               f"swap_b{bits}_z{int(zeros)}_g{mode}_r{int(rega)}_x{xpf}_o{outl}")
-if WPF_OFF:  # the 1-warp mma.sync configs (16-bit A): asymmetric without and with the words loaded a block
+if NEW_FLAGS_OFF:  # the 1-warp mma.sync configs (16-bit A): asymmetric without and with the words loaded a block
     # ahead; symmetric with the zero as a constant and as the wrapper's uint8 load (ZLOAD: the LDS/STS count)
     c = dict(base, BITS=3, HAS_ZEROS=True, GROUP_MODE=0, HAS_BIAS=False, OUTLIERS=1, REGA=False, SPLIT=True,
              ATOMIC=True, BM=16, BR=1, XPF=0, XBK=256, PIPE=None, ZLOAD=False)
