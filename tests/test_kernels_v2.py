@@ -129,7 +129,8 @@ def test_outlier_slots_before_or_after_the_loop(early, m, fraction):
 
 
 def test_config_table_by_shape():
-    pick = gemv_half2.pick_config
+    def pick(m, n=None, k=None, q=4):  # the table as measured, at q = 4 (blocks of 128 columns)
+        return gemv_half2.pick_config(m, n, k, q)
     assert pick(1, 8192, 8192) == (8, 16, 1) and pick(1, 4096, 14336) == (8, 16, 1)
     assert pick(1, 28672, 8192) == (32, 4, 1) and pick(1, 28672, 4096) == (32, 4, 1)
     assert pick(1, 8192, 28672) == (8, 16, 1)  # long N only pays with K <= 8192
@@ -138,7 +139,14 @@ def test_config_table_by_shape():
     assert pick(1, 4096, 4000) == (8, 16, 1) and pick(1, 4096, 4000, q=1) == (8, 32, 4)
     assert pick(2, 8192, 8192) == gemv_half2.M2_PIPELINED == pick(2, 4096, 14336)
     assert pick(2, 11008, 4096) == (16, 4, 1)
-    assert pick(2, 4096, 11008) == (32, 16, 8) and pick(1) == pick(1, 8192, 8192)
+    assert pick(2, 4096, 11008) == (32, 16, 8)
+    # q = 8 (the default: per channel, groups of 256 k): half the blocks of 256 columns per step, the same
+    # words per role and row; ragged still means K not a whole number of 2048-column steps
+    for m, n, k in ((1, 8192, 8192), (1, 28672, 8192), (1, 4096, 11008), (1, 4096, 4000), (2, 8192, 8192),
+                    (2, 11008, 4096), (2, 4096, 11008)):
+        c4, c8 = pick(m, n, k), gemv_half2.pick_config(m, n, k)
+        assert c8 == (c4[0], c4[1] // 2) + c4[2:], (m, n, k)
+    assert gemv_half2.pick_config(1) == gemv_half2.pick_config(1, 8192, 8192)
     with pytest.raises(QuantEaseError, match="prefetch depth"):
         w = make_weight(8, 96, 3, -1, 0.0, True, 8, device="cpu")
         gemv_half2.qgemv_half2(torch.randn(1, 96).half(), prepare_half2(*w, 3, -1, 96), None,
@@ -167,7 +175,7 @@ def test_half2_layout_round_trips():
     for group_size, k in ((-1, 70), (128, 300), (64, 64), (32, 33)):
         w = make_weight(9, k, 3, group_size, 0.05, False, 7, device="cpu")
         p = prepare_half2(*w, 3, group_size, k)
-        assert p["q"] == {-1: 4, 128: 4, 64: 2, 32: 1}[group_size]
+        assert p["q"] == {-1: 8, 128: 4, 64: 2, 32: 1}[group_size]
         assert p["words"].shape[1] % (3 * p["q"]) == 0 and p["words"].dtype == torch.int32
         codes = layout.unpack_codes(w[0], 3, k).to(torch.int32)
         assert torch.equal(codes_from_half2(p["words"], p["q"], k), codes)

@@ -277,17 +277,32 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    if OUTLIERS == 1:  # acc[n, :] += val[n, r] * x^T[idx[n, r], :], BR slots at a time; each split takes R / SPLIT
-        rps = tl.cdiv(R, tl.num_programs(1))
-        r_hi = min(split * rps + rps, R)
-        for r0 in range(split * rps, r_hi, BR):
-            offs_r = r0 + tl.arange(0, BR)
-            rmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
-            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
-            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-            xg = tl.load(xt_ptr + idx.to(tl.int32)[:, :, None] * stride_xt + offs_m[None, None, :] * stride_xtm,
-                         mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
-            acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
+    if OUTLIERS == 1:
+        acc = add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt,
+                           stride_xtm, stride_oi, stride_ov, BR)
+    store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
+
+
+@triton.jit
+def add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt, stride_xtm,
+                 stride_oi, stride_ov, BR: tl.constexpr):
+    """acc [BN, BM] += val[n, r] * x^T[idx[n, r], :], BR slots at a time; split s of S takes slots s R / S .."""
+    rps = tl.cdiv(R, tl.num_programs(1))
+    r_hi = min(split * rps + rps, R)
+    for r0 in range(split * rps, r_hi, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        rmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
+        idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
+        val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+        xg = tl.load(xt_ptr + idx.to(tl.int32)[:, :, None] * stride_xt + offs_m[None, None, :] * stride_xtm,
+                     mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
+        acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
+    return acc
+
+
+@triton.jit
+def store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT: tl.constexpr, ATOMIC: tl.constexpr):
+    """y^T tile acc [BN, BM] -> y [M, N]: stored, or (split-K) added with atomics in y's dtype."""
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     ymask = mask_n[:, None] & mask_m[None, :]
     if not SPLIT:

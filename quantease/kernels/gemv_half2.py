@@ -64,20 +64,26 @@ M2_PIPELINED = (8, 8, 1, 3, 0, 0, False, False, False, 3)  # prefetch 0, pipe 3
 LONG_N_M1, LONG_N_M2 = 16384, 10000
 
 
-def pick_config(m, n=None, k=None, q=4):
+def pick_config(m, n=None, k=None, q=8):
     """The table above: config for M rows of x on an N x K layer (q words per role per block; n/k None: the
-    8192 x 8192 choice)."""
-    ragged = k is not None and triton.cdiv(k, 32 * q) % 16 != 0  # blocks of 32 q columns not a multiple of 16
+    8192 x 8192 choice).  The table was measured at q = 4; at q = 8 (blocks of 256 columns) a step of half the
+    blocks reads the same words per role and row, in runs twice as long."""
+    per = 2 if q == 8 else 1  # q = 4 table blocks per block of this q (256 columns at q = 8)
+    ragged = k is not None and triton.cdiv(k, 32 * q) % (16 // per) != 0  # K not a whole number of 2048 columns
     long_n = n is not None and k is not None and k <= 8192
     if m == 1:
         if ragged:
-            return (8, 32, 4)
-        return (32, 4, 1) if long_n and n >= LONG_N_M1 else (8, 16, 1)
-    if m == 2:
+            cfg = (8, 32, 4)
+        else:
+            cfg = (32, 4, 1) if long_n and n >= LONG_N_M1 else (8, 16, 1)
+    elif m == 2:
         if ragged:
-            return (32, 16, 8)
-        return (16, 4, 1) if long_n and n >= LONG_N_M2 else M2_PIPELINED
-    return (8, 16, 2)
+            cfg = (32, 16, 8)
+        else:
+            cfg = (16, 4, 1) if long_n and n >= LONG_N_M2 else M2_PIPELINED
+    else:
+        cfg = (8, 16, 2)
+    return (cfg[0], cfg[1] // per) + tuple(cfg[2:])
 
 
 GEMV_ENV = "QUANTEASE_GEMV"  # "half2" (default): ops.py sends the GEMV rows here where supports(); "v1": gemv.py
@@ -101,8 +107,12 @@ def supports(p, x):
 def add_layout(p):
     """Load time: prepare_weights' dict p gains the half2 words (key "words"; None where the half2 GEMV does not
     apply), built once here, eagerly, so that a runtime can keep them as a buffer / parameter beside the planes
-    (seen by vLLM's memory profiling, never built inside a CUDA-graph capture).  Returns p."""
+    (seen by vLLM's memory profiling, never built inside a CUDA-graph capture).  Where the words are at Q = 8
+    (per channel, groups of a multiple of 256) the batched-decode GEMM (gemm_half2.py) reads them too, and the
+    zeros become int16 (that kernel's requirement; every other kernel loads either).  Returns p."""
     p["words"] = half2_from_prepared(p)["words"] if half2_supported(p["bits"], p["group_size"]) else None
+    if p["words"] is not None and half2_words_per_role(p["group_size"]) == 8 and p["zeros"] is not None:
+        p["zeros"] = p["zeros"].to(torch.int16)  # gemm_half2 reads the same words; it needs 16-bit zeros
     return p
 
 

@@ -17,8 +17,11 @@ How runtimes call it (vLLM process_weights_after_loading / transformers post-loa
 
 Backend: "auto" (CUDA tensors -> Triton, CPU -> torch reference), "triton" (also CPU tensors when
 TRITON_INTERPRET=1: that is how CI tests the kernels), "torch".  Pass backend= or set QUANTEASE_KERNEL_BACKEND.
-Triton path: GEMV (kernels/gemv.py) for M <= GEMV_MAX_M rows; swap-AB tensor-core GEMM (kernels/gemm_swap.py)
-up to SWAP_MAX_M rows; above that (CUDA only) dequantize to a dense weight for this call + cuBLAS.  The
+Triton path: M = 2..32 on the half2-word GEMM (kernels/gemm_half2.py: mma.sync from one warp, two weights per
+LOP3) where its layout is there (3-bit, per channel or groups of a multiple of 256, fp16/bf16 x: p["words"] at Q = 8,
+built by prepare_weights on CUDA); GEMV (kernels/gemv.py) for the rest of M <= GEMV_MAX_M rows; swap-AB tensor-core
+GEMM (kernels/gemm_swap.py) up to SWAP_MAX_M rows; above that (CUDA only) dequantize to a dense weight for this call
++ cuBLAS.  The
 outliers are fused in the GEMV and the swap GEMM's epilogue (small tiles), else a second launch
 (kernels/outliers.py); the dequant path adds them to its dense weight in the dequant kernel (N x R adds instead of
 M x N x R).
@@ -76,6 +79,10 @@ def _forward(x2d, p, bias, backend, out=None):
     if m == 0:
         return out
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    from quantease.kernels import gemm_half2
+
+    if gemm_half2.MIN_M <= m <= gemm_half2.MAX_M and gemm_half2.supports(p, x2d):
+        return gemm_half2.qgemm_half2(x2d, p, bias, out)
     if m <= GEMV_MAX_M:
         from quantease.kernels import gemv_half2
 

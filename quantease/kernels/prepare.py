@@ -140,18 +140,21 @@ def dequantize_prepared(p, dtype=torch.float32):
 # 16-bit lanes; a lane holds 5 codes at bits 0, 3, 6, 9, 12 and one bit of a 6th code at bit 15.  The two lanes
 # of a word always hold the two columns of one even/odd pair (2P, 2P + 1), so x read as int32 is already the
 # matching half2 and the unpack (code bits OR-ed into the mantissa of a power of two, both lanes at once) gives
-# that pair's weights.  Rows are cut into blocks of 32 Q columns (Q = 4, or 2 / 1 for groups of 64 / 32
-# columns so that a block never straddles a group).  Per block and row, 3 Q words: role r (0..2) word q is at
-# index block * 3Q + r Q + q, and its slot j (0..4) holds column pair P = (5 r + j) Q + q of the block; bit r of
-# pair P = 15 Q + q's codes sits at bits 15 / 31 of role r word q.  So for a fixed slot the Q words of a block
-# need Q consecutive x pairs (one 16-byte vector for Q = 4), and the step needs no gather.
+# that pair's weights.  Rows are cut into blocks of 32 Q columns (Q = 8 per channel and for groups of a multiple
+# of 256 columns; 4 / 2 / 1 for groups of 128 / 64 / 32, so that a block never straddles a group).  Per block and
+# row, 3 Q words: role r (0..2) word q is at index block * 3Q + r Q + q, and its slot j (0..4) holds column pair
+# P = (5 r + j) Q + q of the block; bit r of pair P = 15 Q + q's codes sits at bits 15 / 31 of role r word q.  So
+# for a fixed slot the Q words of a block need Q consecutive x pairs (one 32-byte run for Q = 8), and the step
+# needs no gather.
 H2_ROLES = 3  # words per 32 columns
 H2_SLOTS = 5  # whole codes per 16-bit lane
 
 
 def half2_words_per_role(group_size):
-    """Q for a grid: the largest of 4, 2, 1 whose 32 Q-column blocks never straddle a group; None: unsupported."""
-    for q in (4, 2, 1):
+    """Q for a grid: the largest of 8, 4, 2, 1 whose 32 Q-column blocks never straddle a group; None: unsupported.
+    Q = 8 (per channel, groups of a multiple of 256) is what kernels/gemm_half2.py reads too: for each code slot,
+    a role's 8 words then hold 16 consecutive columns, one mma K step."""
+    for q in (8, 4, 2, 1):
         if group_size == -1 or group_size % (32 * q) == 0:
             return q
     return None

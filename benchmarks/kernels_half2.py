@@ -1,0 +1,213 @@
+"""GPU benchmark of the half2-word GEMM (quantease/kernels/gemm_half2.py) and of the GEMV on the same words, one
+device command:
+
+    export PYTHONPATH=$PWD; python3 benchmarks/kernels_half2.py --out $OUT [--asym] [--deadline S]
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/kernels_half2.py --tiny      # CPU dry run, timers stubbed
+
+1. correctness: every candidate config below (fp16 and bf16, 0.5% outliers, NaN-poisoned output) on two shapes
+   against the float64 reference.
+2. timing (L2 cold, CUDA graphs, medians; helpers of benchmarks/kernels.py), per shape and M in {2, 4, 8, 16, 32,
+   64}: fp16 F.linear, gemm_swap's table config (the planes kernel, uint8 zeros: the dispatch before gemm_half2),
+   every gemm_half2 candidate of the M bucket,
+   and at 0.5% outliers the best candidate.  Writes $OUT/half2_gemm.csv and prints a table as it goes.
+3. GEMV (M = 1, 2): gemv_half2's table config on words at Q = 4 (the layout it was tuned on) and at Q = 8 (the
+   layout shared with gemm_half2), same weights.
+--outliers: only the 0.5%-outlier epilogue variants of the table config (see outliers()).
+"""
+import argparse
+import csv
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels as kb  # noqa: E402
+
+SHAPES = ((4096, 4096), (8192, 8192), (28672, 8192), (8192, 28672))
+MS = (2, 4, 8, 16, 32, 64)
+# (BM, BN, num_warps, SPLIT_K (0 auto), PIPE) per M bucket (gemm_half2.qgemm_half2's config); the table's entry
+# first.  Session 6 call 1: the plain loop (no PIPE) and an L2 prefetch of the words (removed since: slower);
+# call 2: PIPE, the software-pipelined loop (cp.async of the next block's words and x tiles, one wait per block).
+CANDS = {
+    16: [(16, 64, 1, 0, 2), (16, 32, 1, 0, 2), (16, 64, 1, 0), (16, 16, 1, 0, 2), (16, 32, 1, 0, 3), (16, 32, 1, 16, 2)],
+    32: [(32, 64, 1, 0, 2), (32, 32, 1, 0, 2), (32, 64, 1, 0), (16, 32, 1, 0, 2)],
+    64: [(64, 64, 4, 0, 2), (64, 32, 1, 0, 2), (32, 32, 1, 0, 2), (64, 64, 4, 0), (64, 32, 2, 0, 2)],
+}
+
+
+def bucket(m):
+    return 16 if m <= 16 else (32 if m <= 32 else 64)
+
+
+def prepared(n, k, fraction, device, asym, seed=0):
+    from quantease.kernels import gemv_half2
+
+    p, _ = kb.make_prepared(n, k, 3, -1, fraction, device=device, seed=seed, asym=asym)
+    if p.get("words") is None:  # CPU: prepare_weights builds the words on CUDA only
+        gemv_half2.add_layout(p)
+    return p
+
+
+def words_q4(p):
+    """The same codes in the Q = 4 half2 layout (the GEMV's layout before Q = 8)."""
+    from quantease.kernels.prepare import codes_from_planes, pack_half2
+
+    k = p["in_features"]
+    kb4 = (k + 127) // 128 * 128
+    codes = torch.zeros(p["out_features"], kb4, dtype=torch.int32, device=p["plane0"].device)
+    codes[:, :k] = codes_from_planes(p["plane0"], p["plane1"], 3, k)
+    return dict(p, words=pack_half2(codes, 4), q=4)
+
+
+def check(device, shapes, asym):
+    from quantease.kernels import dequantize_prepared, gemm_half2
+
+    bad = 0
+    print("check: every candidate vs float64 (tolerance fp16 3e-3, bf16 1.5e-2), 0.5% outliers", flush=True)
+    for n, k in shapes:
+        p = prepared(n, k, 0.005, device, asym, seed=2)
+        w64 = dequantize_prepared(p).double()
+        errs = []
+        for m in MS:
+            for cfg in CANDS[bucket(m)]:
+                for dtype in (torch.float16, torch.bfloat16):
+                    x = torch.randn(m, k, device=device).to(dtype)
+                    out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
+                    y = gemm_half2.qgemm_half2(x, p, None, out, cfg)
+                    ref = x.double() @ w64.t()
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    ok = bool(torch.isfinite(y).all()) and err < (3e-3 if dtype == torch.float16 else 1.5e-2)
+                    bad += not ok
+                    if not ok:
+                        errs.append(f"M={m} {cfg} {str(dtype)[6:]} {err:.1e} FAIL")
+            errs.append(f"M={m} {err:.1e}")
+        print(f"  {n}x{k}: " + ", ".join(errs), flush=True)
+    print(f"check: {'all pass' if not bad else f'{bad} FAILED'}", flush=True)
+
+
+def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
+    """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: U steps of BR slots
+    per loop iteration, x gathered from x itself or from an x^T copy (default: pick_gather_x).
+    Session 6 call 4 timed an earlier set (the loop with the split's slots prefetched into L2 first, 2 / 4 slots
+    per step, gather_x forced on / off; results/kernels_half2.md)."""
+    from quantease.kernels import gemm_half2
+
+    f = open(os.path.join(args.out, "half2_outliers" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
+    w = csv.writer(f)
+    w.writerow(["n", "k", "m", "fraction", "variant", "config", "us", "fp16_us", "speedup_vs_fp16"])
+    fp16, t0 = {}, time.time()
+    for n, k in shapes:
+        if time.time() - t0 > args.deadline:
+            print(f"deadline: {n}x{k} and later shapes skipped", flush=True)
+            break
+        p0 = rotate(prepared(n, k, 0.0, device, args.asym))
+        p5 = rotate(prepared(n, k, 0.005, device, args.asym))
+        for m in (2, 4, 8, 16, 32):
+            base = time_fp16(n, k, m, fp16)
+            tab = gemm_half2.pick_config(m)
+            us0 = time_kernel(p0, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
+            w.writerow([n, k, m, 0.0, "half2", str(tab), f"{us0:.2f}", f"{base:.2f}", f"{base / us0:.3f}"])
+            cells = []
+            for name, cfg, gx in (("loop", tab[:5] + (1,), None), ("u2", tab[:5] + (2,), None),
+                                  ("u3", tab[:5] + (3,), None), ("u4", tab[:5] + (4,), None),
+                                  ("u2_br2", tab[:5] + (2, 2), None), ("u2_x_t", tab[:5] + (2,), False),
+                                  ("u2_gather_x", tab[:5] + (2,), True)):
+                us = time_kernel(p5, m, lambda x, q, o, c=cfg, g=gx: gemm_half2.qgemm_half2(x, q, None, o, c,
+                                                                                           gather_x=g))
+                w.writerow([n, k, m, 0.005, "half2_" + name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
+                cells.append(f"{name} {us:.1f} ({us / us0 - 1:+.0%})")
+            f.flush()
+            print(f"| {n}x{k} | {m} | fp16 {base:.1f} | 0% {us0:.1f} | 0.5%: " + ", ".join(cells) + " |", flush=True)
+        del p0, p5
+    print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--asym", action="store_true", help="random per-channel zeros (quantease's default grid)")
+    ap.add_argument("--deadline", type=float, default=400.0, help="seconds after which no new shape is started")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run under TRITON_INTERPRET=1, timers stubbed")
+    ap.add_argument("--outliers", action="store_true", help="only the 0.5%%-outlier epilogue variants (table config)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    from quantease.kernels import gemm_half2, gemm_swap, gemv_half2
+
+    t0 = time.time()
+    device, shapes = "cuda", SHAPES
+    rotate = lambda p: kb.copies(p, kb.n_copies(kb.weight_bytes(p)))  # noqa: E731
+    time_fp16 = kb.time_fp16
+
+    def time_kernel(ps, m, run):
+        x = torch.randn(m, ps[0]["in_features"], device=device, dtype=torch.float16)
+        out = torch.empty(m, ps[0]["out_features"], device=device, dtype=torch.float16)
+        return kb.graph_time([lambda q=q: run(x, q, out) for q in ps])
+    if args.tiny:
+        device, shapes = "cpu", ((40, 600), (72, 300))
+        rotate = lambda p: [p]  # noqa: E731
+        time_fp16 = lambda n, k, m, cache: 1.0  # noqa: E731
+
+        def time_kernel(ps, m, run):
+            x = torch.randn(m, ps[0]["in_features"], dtype=torch.float16)
+            run(x, ps[0], torch.empty(m, ps[0]["out_features"], dtype=torch.float16))
+            return 1.0
+    else:
+        print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
+    if args.outliers:
+        return outliers(args, time_kernel, time_fp16, rotate, device, shapes)
+    check(device, shapes[:2], args.asym)
+    print(f"[{time.time() - t0:.0f}s] weights: {'asymmetric' if args.asym else 'symmetric'}, 3-bit per channel",
+          flush=True)
+    f = open(os.path.join(args.out, "half2_gemm" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
+    w = csv.writer(f)
+    w.writerow(["n", "k", "m", "fraction", "variant", "config", "us", "fp16_us", "speedup_vs_fp16"])
+    fp16 = {}
+
+    def row(n, k, m, frac, name, cfg, us, base):
+        w.writerow([n, k, m, frac, name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
+
+    for n, k in shapes:
+        if time.time() - t0 > args.deadline:
+            print(f"deadline: {n}x{k} and later shapes skipped", flush=True)
+            break
+        p0 = rotate(prepared(n, k, 0.0, device, args.asym))
+        p5 = rotate(prepared(n, k, 0.005, device, args.asym))
+        # gemm_swap as the dispatch ran it before gemm_half2: uint8 zeros (its 1-warp configs need them, see its doc)
+        p0u = [dict(q, zeros=None if q["zeros"] is None else q["zeros"].to(torch.uint8)) for q in p0]
+        for m in MS:
+            base = time_fp16(n, k, m, fp16)
+            old = time_kernel(p0u, m, lambda x, q, o: gemm_swap.qgemm_swap(x, q, None, o))
+            row(n, k, m, 0.0, "fp16", "", base, base)
+            row(n, k, m, 0.0, "swap_table", gemm_swap.pick_config(m), old, base)
+            res = []
+            for cfg in CANDS[bucket(m)]:
+                us = time_kernel(p0, m, lambda x, q, o, c=cfg: gemm_half2.qgemm_half2(x, q, None, o, c))
+                res.append((us, cfg))
+                row(n, k, m, 0.0, "half2", cfg, us, base)
+            us0, cfg0 = min(res)
+            us5 = time_kernel(p5, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o, cfg0))
+            row(n, k, m, 0.005, "half2", cfg0, us5, base)
+            f.flush()
+            print(f"| {n}x{k} | {m} | fp16 {base:.1f} | swap {old:.1f} | half2 " + " ".join(f"{u:.1f}" for u, _ in res)
+                  + f" | best {cfg0} {us0:.1f} = {base / us0:.2f}x fp16, {old / us0:.2f}x swap | 0.5% {us5:.1f} "
+                  f"({us5 / us0 - 1:+.0%}) |", flush=True)
+        # the GEMV on both word layouts (same codes), table configs
+        for m in (1, 2):
+            base = time_fp16(n, k, m, fp16)
+            q8 = time_kernel(p0, m, lambda x, q, o: gemv_half2.qgemv_half2(x, gemv_half2.cached_layout(q), None, o))
+            p4 = [words_q4(q) for q in p0]
+            q4 = time_kernel(p4, m, lambda x, q, o: gemv_half2.qgemv_half2(x, q, None, o))
+            del p4
+            row(n, k, m, 0.0, "gemv_q8", gemv_half2.pick_config(m, n, k, 8), q8, base)
+            row(n, k, m, 0.0, "gemv_q4", gemv_half2.pick_config(m, n, k, 4), q4, base)
+            print(f"| {n}x{k} | {m} | fp16 {base:.1f} | GEMV Q=4 {q4:.1f} | Q=8 {q8:.1f} ({q8 / q4 - 1:+.1%}) |",
+                  flush=True)
+        del p0, p5, p0u
+    print("candidates: " + "; ".join(f"{b}: " + ", ".join(f"{i}={c}" for i, c in enumerate(CANDS[b])) for b in CANDS))
+    print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""GEMM v6 (batched decode, M = 2..32): swap-AB on the half2 words, one warp per program, two weights per LOP3.
+
+Reads the half2 layout of kernels/prepare.py with Q = 8 words per role (per channel, or groups of a multiple of
+256 columns): for role r and code slot j (0..4) the 8 role words of a 256-column block hold the column pairs
+(5 r + j) 8 + q, i.e. the 16 CONSECUTIVE columns 16 s .. 16 s + 15 of the block (s = 5 r + j; s = 15 is the
+spare code, one bit in bit 15 of each role's lanes).  Read as int16, a role's [BN, 16] tile is in column order,
+and each 32-bit register of it holds an even/odd column pair of one row -- what an mma.sync A-fragment register
+holds (two consecutive k of a row).  So for every slot s of every block:
+
+    c_s = (word >> sh) & (7 << p) | 2**e,  c_s - (2**e + z)     one LOP3 (+ one SHF for j = 3, 4) and one HSUB2
+                                                               per TWO weights, straight into the A fragment
+    acc [BN, BM] += tl.dot(c_s [BN, 16], x^T [16, BM])          x^T = x[:, 256 b + 16 s ..+ 16] (L2 reads)
+
+A dot in a 1-warp program is mma.sync (HMMA.16816), the operands in registers: the role tiles take one pass
+through shared memory per block (ldmatrix into the fragment layout), and so do the x^T tiles.  sm_90 AOT (triton
+3.6), K loop per 256-column block at BN = 32: 607 instructions for 8192 weights, against 1345 for gemm_swap.py's
+1-warp loop on the bit planes (its unpack is 2 LOP3 + FADD + half an F2FP per weight).  The loop is
+software-pipelined (PIPE 2, triton's pipeliner: the next block's role tiles and 16 x tiles as cp.async copies, one
+wait per block): with plain loads ptxas keeps every x-tile load below the previous slot's barrier, which makes a
+block a chain of 16 L2 round trips (H200: 27.2 vs 17.8 us at 8192^2, M = 2).
+
+The zero goes into the HSUB2 constant (per row, per group for groups); per-channel scales multiply the fp32
+acc after the loop, group scales each block's partial sum.  Outliers (ELL) are added in the epilogue as in
+gemm_swap.py (the same helper); SPLIT_K > 1 adds each split's partial with atomics after zeroing out.
+
+Off CUDA (the CPU interpreter) the same codes come from plain int16 shifts and masks (ASM False).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from quantease.errors import QuantEaseError
+from quantease.kernels import gemm_swap
+from quantease.kernels.prepare import half2_words_per_role
+
+Q = 8  # words per role per 256-column block: the layout this kernel reads
+# (BM, BN, num_warps, SPLIT_K[, PIPE[, UNROLL[, BR]]]) by M bucket; SPLIT_K 0: gemm_swap.pick_split to SPLIT_TARGET
+# programs.  H200, session 6 (benchmarks/kernels_half2.py --asym, results/kernels_half2.md): the software-pipelined
+# loop (PIPE 2: the next block's words and x tiles by cp.async, one wait per block) against the plain one (a chain of
+# 16 x-tile L2 round trips per block, each behind the previous slot's barrier) at 8192^2 M = 2 / 16: (16, 64) 17.8 /
+# 23.2 vs 27.2 / 31.5 us; BN 32 20.5 / 33.1, BN 16 31.4 / 57.7, PIPE 3 (BN 32) 22.7 / 39.4; M = 32 (32, 64) 31.9 us.
+# M > 32 stays on gemm_swap (M = 64: its 8-warp register-A loop 54.9 us vs 64.0 here, 8192^2).
+CONFIGS = {
+    16: (16, 64, 1, 0, 2),
+    32: (32, 64, 1, 0, 2),
+}
+SPLIT_TARGET = 2048
+MAX_M = max(CONFIGS)
+# M = 2 too: ahead of the half2 GEMV at M = 2 (same call, asymmetric): 8192^2 17.8 vs 19.5 us, 28672x8192 52.3 vs
+# 79.8, 8192x28672 44.9 vs 55.9, 4096^2 8.2 vs 8.0
+MIN_M = 2
+UNROLL_OUTLIERS = 1  # outlier epilogue steps per loop iteration (see _add_outliers); H200 session 6 call 4 (0.5%,
+# the loop): the split's slots prefetched into L2 first, or 2 / 4 slots per step, moved its +26-56% by -24..+10 points
+
+
+def pick_config(m):
+    for bucket in sorted(CONFIGS):
+        if m <= bucket:
+            return CONFIGS[bucket]
+    return CONFIGS[max(CONFIGS)]
+
+
+def supports(p, x):
+    """The half2 words at Q = 8 are there (gemv_half2.add_layout, with int16 zeros) and x is fp16 / bf16."""
+    return (p.get("words") is not None and p["bits"] == 3 and half2_words_per_role(p["group_size"]) == Q
+            and (p["zeros"] is None or p["zeros"].dtype != torch.uint8)
+            and x.dtype in (torch.float16, torch.bfloat16))
+
+
+@triton.jit
+def _slot(w, sub, j: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
+    """Code slot j (0..4) of an int16 role tile -> code - z in x's dtype.  sub: int16 tile, 2**e + z with z at
+    bit p (bf16: its negation, for the FMA form), i.e. what the magic OR adds plus the zero."""
+    MB: tl.constexpr = 7 if BF16 else 10  # mantissa bits: codes at bits p..p+2 <= MB - 1 are unpacked in place
+    p: tl.constexpr = 3 * j if 3 * j + 3 <= MB else 0
+    sh: tl.constexpr = 3 * j - p
+    mask: tl.constexpr = (7 << p) * 0x10001
+    magic: tl.constexpr = (((134 - p) << 7) if BF16 else ((25 - p) << 10)) * 0x10001
+    dt = tl.bfloat16 if BF16 else tl.float16
+    if ASM:  # bf16: t * 1 + (-sub) as an FMA (the sub.bf16x2 form needs a newer PTX ISA); fp16: t - sub
+        if BF16:
+            return tl.inline_asm_elementwise(
+                f"{{ .reg .b32 t, one; shr.b32 t, $1, {sh}; lop3.b32 t, t, {mask}, {magic}, 0xEA; "
+                "mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, t, one, $2; }", "=r,r,r", [w, sub], dtype=dt,
+                is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(
+                f"{{ .reg .b32 t; shr.b32 t, $1, {sh}; lop3.b32 t, t, {mask}, {magic}, 0xEA; sub.f16x2 $0, t, $2; }}",
+                "=r,r,r", [w, sub], dtype=dt, is_pure=True, pack=2)
+    else:
+        c = ((w >> (3 * j)) & 7).to(tl.float32)
+        return (c - _zero_of(sub, p, BF16)).to(dt)
+
+
+@triton.jit
+def _spare(w0, w1, w2, sub, BF16: tl.constexpr, ASM: tl.constexpr):
+    """Slot 15 (the spare code: bit r in bit 15 of role r's lanes) -> code - z in x's dtype; sub as for p = 0."""
+    magic: tl.constexpr = (134 << 7 if BF16 else 25 << 10) * 0x10001
+    dt = tl.bfloat16 if BF16 else tl.float16
+    if ASM:
+        if BF16:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b, c, t; shr.b32 a, $1, 15; shr.b32 b, $2, 14; shr.b32 c, $3, 13; "
+                f"lop3.b32 t, a, 0x00010001, {magic}, 0xEA; lop3.b32 t, b, 0x00020002, t, 0xEA; "
+                "lop3.b32 t, c, 0x00040004, t, 0xEA; mov.b32 a, 0x3F803F80; fma.rn.bf16x2 $0, t, a, $4; }",
+                "=r,r,r,r,r", [w0, w1, w2, sub], dtype=dt, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b, c, t; shr.b32 a, $1, 15; shr.b32 b, $2, 14; shr.b32 c, $3, 13; "
+                f"lop3.b32 t, a, 0x00010001, {magic}, 0xEA; lop3.b32 t, b, 0x00020002, t, 0xEA; "
+                "lop3.b32 t, c, 0x00040004, t, 0xEA; sub.f16x2 $0, t, $4; }",
+                "=r,r,r,r,r", [w0, w1, w2, sub], dtype=dt, is_pure=True, pack=2)
+    else:
+        c = (((w0 >> 15) & 1) | ((w1 >> 14) & 2) | ((w2 >> 13) & 4)).to(tl.float32)
+        return (c - _zero_of(sub, 0, BF16)).to(dt)
+
+
+@triton.jit
+def _zero_of(sub, p: tl.constexpr, BF16: tl.constexpr):
+    """The interpreter path's z back from the HSUB2 constant (bits p.. of its mantissa)."""
+    return (((sub & 0x7FFF) >> p) & 7).to(tl.float32)
+
+
+@triton.jit
+def _subs(z, BF16: tl.constexpr):
+    """z [BN] (int16 or int32) -> [BN, 16] int16 tiles 2**e + z for the bit positions p = 0, 3, 6 of _slot."""
+    # fp16 unpacks in place at p = 0 / 3 / 6, bf16 at 0 / 3 (its p = 6 tile is unused); bf16's are negated (the
+    # FMA form).  z must not come from a uint8 load: triton sizes the mma operand layout (kWidth) by the narrowest
+    # type in the A tile's def chain, and with 8 bits there x^T goes through 176 SEL + 88 SHFL per block instead
+    # of one shared-memory pass (sm_90 AOT: 787 vs 605 loop instructions); gemv_half2.add_layout makes them int16.
+    zi = tl.broadcast_to(z.to(tl.int32)[:, None], (z.shape[0], 16))
+    neg: tl.constexpr = 0x8000 if BF16 else 0
+    s0 = ((134 << 7 if BF16 else 25 << 10) | zi | neg).to(tl.int16)
+    s3 = (((131 << 7) if BF16 else (22 << 10)) | (zi << 3) | neg).to(tl.int16)
+    s6 = (((128 << 7) if BF16 else (19 << 10)) | (zi << 6) | neg).to(tl.int16)
+    return s0, s3, s6
+
+
+@triton.jit
+def _pick(s0, s3, s6, j: tl.constexpr, BF16: tl.constexpr):
+    MB: tl.constexpr = 7 if BF16 else 10
+    p: tl.constexpr = 3 * j if 3 * j + 3 <= MB else 0
+    if p == 0:
+        return s0
+    elif p == 3:
+        return s3
+    else:
+        return s6
+
+
+@triton.jit
+def _add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt, stride_xtm,
+                  stride_oi, stride_ov, BR: tl.constexpr, U: tl.constexpr):
+    """gemm_swap.add_outliers with U steps of BR slots per loop iteration (straight-line inside it), so that
+    ptxas can issue U steps' idx / val loads, then their gathers, instead of one idx -> gather round trip after
+    another (the plain loop, U = 1: +26-56% at 0.5% outliers, M = 2, H200).  All U steps fully unrolled over the
+    split's slots took 255 registers (sm_90 AOT, (16, 64, 1), 6 steps; 952 B of stack at 18)."""
+    rps = tl.cdiv(R, tl.num_programs(1))
+    r_hi = min(split * rps + rps, R)
+    for r0 in range(split * rps, r_hi, BR * U):
+        for u in tl.static_range(U):
+            offs_r = r0 + u * BR + tl.arange(0, BR)
+            rmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
+            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
+            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+            xg = tl.load(xt_ptr + idx.to(tl.int32)[:, :, None] * stride_xt + offs_m[None, None, :] * stride_xtm,
+                         mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
+            acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
+    return acc
+
+
+@triton.jit
+def _xt(x_cols, blk, s: tl.constexpr, q, K, mask_m):
+    """x^T tile [16, BM] of slot s of block blk: x[m, 256 blk + 16 s + q] (0 past K and M)."""
+    kx = blk * 256 + s * 16 + q
+    return tl.load(x_cols + kx[:, None], mask=(kx < K)[:, None] & mask_m[None, :], other=0.0)
+
+
+@triton.jit
+def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr, ov_ptr,
+                       M, N, K, R, group_size, blocks_per_split,
+                       stride_xm, stride_xt, stride_xtm, stride_ym, stride_w, stride_s, stride_z, stride_oi,
+                       stride_ov,
+                       BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
+                       ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
+                       U: tl.constexpr):
+    # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m  # M tiles of one weight tile side by side: the weight comes from DRAM once
+    pid_n = pid // num_m
+    split = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    q = tl.arange(0, 16)
+    rows = w_ptr + offs_n[:, None] * stride_w + q[None, :]  # int16 view: 48 per row per block, role r at 16 r
+    x_cols = x_ptr + offs_m[None, :] * stride_xm  # x^T slot tile [16, BM]: x read with strides
+    if HAS_ZEROS and not GROUPED:  # int16 (prepare_weights): a uint8 here sends x^T through shuffles (see _subs)
+        z = tl.load(z_ptr + offs_n * stride_z, mask=mask_n, other=0)
+    else:
+        z = tl.full((BN,), ZERO, tl.int32)
+    s0, s3, s6 = _subs(z, BF16)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    blk0 = split * blocks_per_split
+    blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
+    for blk in tl.range(blk0, blk1, num_stages=PIPE):
+        r0 = tl.load(rows + blk * 48, mask=mask_n[:, None], other=0)  # the three role tiles (0 past N)
+        r1 = tl.load(rows + blk * 48 + 16, mask=mask_n[:, None], other=0)
+        r2 = tl.load(rows + blk * 48 + 32, mask=mask_n[:, None], other=0)
+        if GROUPED:
+            g = (blk * 256) // group_size
+            sb = tl.load(s_ptr + offs_n * stride_s + g, mask=mask_n, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zb = tl.load(z_ptr + offs_n * stride_z + g, mask=mask_n, other=0)
+                s0, s3, s6 = _subs(zb, BF16)
+            part = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            part = acc
+        for s in tl.static_range(16):
+            xs = _xt(x_cols, blk, s, q, K, mask_m)
+            if s < 5:
+                c = _slot(r0, _pick(s0, s3, s6, s % 5, BF16), s % 5, BF16, ASM)
+            elif s < 10:
+                c = _slot(r1, _pick(s0, s3, s6, s % 5, BF16), s % 5, BF16, ASM)
+            elif s < 15:
+                c = _slot(r2, _pick(s0, s3, s6, s % 5, BF16), s % 5, BF16, ASM)
+            else:
+                c = _spare(r0, r1, r2, s0, BF16, ASM)
+            if BF16 and not ASM:  # the CPU interpreter's bf16 dot is not exact: fp32 operands, full precision
+                part = tl.dot(c.to(tl.float32), xs.to(tl.float32), part, input_precision="ieee")
+            else:
+                part = tl.dot(c, xs.to(c.dtype), part)
+        if GROUPED:
+            acc += part * sb[:, None]
+        else:
+            acc = part
+    if not GROUPED:
+        acc = acc * tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        if split == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if OUTLIERS:
+        acc = _add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt,
+                            stride_xtm, stride_oi, stride_ov, BR, U)
+    gemm_swap.store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
+
+
+def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None):
+    """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, UNROLL[, BR]]]) overrides the table (SPLIT_K
+    0: auto; PIPE: the K loop software-pipelined that deep, None / 1: plain loads; UNROLL: outlier epilogue steps
+    per loop iteration, 0 / None: UNROLL_OUTLIERS; BR: outlier slots per step, 0 / None: from BR_ELEMS)."""
+    if not supports(p, x):
+        raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
+                             "(gemv_half2.add_layout: per channel or groups of a multiple of 256); got "
+                             f"{x.dtype}, bits={p['bits']}, group_size={p['group_size']}, words "
+                             f"{'absent' if p.get('words') is None else 'present'}")
+    m, k = x.shape
+    n = p["out_features"]
+    cfg = tuple(config or pick_config(m))
+    bm, bn, warps, split = cfg[:4]
+    pipe = cfg[4] if len(cfg) > 4 else None
+    unroll = cfg[5] if len(cfg) > 5 and cfg[5] else UNROLL_OUTLIERS
+    br = cfg[6] if len(cfg) > 6 and cfg[6] else None
+    if split == 0:
+        split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET)
+    bps = triton.cdiv(triton.cdiv(k, 256), split)
+    split = triton.cdiv(triton.cdiv(k, 256), bps)  # no empty split
+    words = p["words"].view(torch.int16)
+    zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
+    r = oi.shape[1] if oi is not None else 0
+    gx = gemm_swap.pick_gather_x(m, n, r) if gather_x is None else gather_x
+    xt = x.t().contiguous() if r and not gx else x
+    sxt, sxtm = (1, x.stride(0)) if xt is x else (xt.stride(0), 1)
+    if split > 1:
+        out.zero_()
+    if br is None:
+        br = max(1, min(8, triton.next_power_of_2(gemm_swap.BR_ELEMS * 32 * warps // (bm * bn) + 1) // 2))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    qgemm_half2_kernel[grid](
+        x, xt, out, words, p["scales"], zeros if zeros is not None else p["scales"],
+        bias if bias is not None else p["scales"], oi if oi is not None else words,
+        ov if ov is not None else p["scales"],
+        m, n, k, r, p["group_size"], bps,
+        x.stride(0), sxt, sxtm, out.stride(0), words.stride(0), p["scales"].stride(0),
+        zeros.stride(0) if zeros is not None else 0, oi.stride(0) if oi is not None else 0,
+        ov.stride(0) if ov is not None else 0,
+        BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
+        HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split > 1, ATOMIC=x.is_cuda,
+        BM=bm, BN=bn, BR=br, PIPE=pipe, U=unroll,
+        num_warps=warps, num_stages=1)
+    return out
