@@ -49,8 +49,9 @@ MAX_M = max(CONFIGS)
 # M = 2 too: ahead of the half2 GEMV at M = 2 (same call, asymmetric): 8192^2 17.8 vs 19.5 us, 28672x8192 52.3 vs
 # 79.8, 8192x28672 44.9 vs 55.9, 4096^2 8.2 vs 8.0
 MIN_M = 2
-UNROLL_OUTLIERS = 1  # outlier epilogue steps per loop iteration (see _add_outliers); H200 session 6 call 4 (0.5%,
-# the loop): the split's slots prefetched into L2 first, or 2 / 4 slots per step, moved its +26-56% by -24..+10 points
+UNROLL_OUTLIERS = 1  # outlier epilogue steps per loop iteration (see _add_outliers).  H200, session 6, 0.5%
+# outliers (the loop: +23-56%): the split's slots prefetched into L2 first -2..+9 points, 2 / 4 slots per step -18..+19 /
+# -24..+12 (4 wins at K = 28672 only), 2 / 3 / 4 steps per iteration 0..+25 / -3..+5 / +1..+17
 
 
 def pick_config(m):
