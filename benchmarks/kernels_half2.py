@@ -88,10 +88,9 @@ def check(device, shapes, asym):
 
 
 def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
-    """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: U steps of BR slots
-    per loop iteration, x gathered from x itself or from an x^T copy (default: pick_gather_x).
-    Session 6 call 4 timed an earlier set (the loop with the split's slots prefetched into L2 first, 2 / 4 slots
-    per step, gather_x forced on / off; results/kernels_half2.md)."""
+    """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR slots per step, x
+    gathered from x itself or from an x^T copy (default: pick_gather_x).  Session 6 calls 4 and 6 timed more
+    (the split's slots prefetched into L2 first; steps unrolled, in commit c31b07b; results/kernels_half2.md)."""
     from quantease.kernels import gemm_half2
 
     f = open(os.path.join(args.out, "half2_outliers" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
@@ -110,10 +109,8 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
             us0 = time_kernel(p0, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
             w.writerow([n, k, m, 0.0, "half2", str(tab), f"{us0:.2f}", f"{base:.2f}", f"{base / us0:.3f}"])
             cells = []
-            for name, cfg, gx in (("loop", tab[:5] + (1,), None), ("u2", tab[:5] + (2,), None),
-                                  ("u3", tab[:5] + (3,), None), ("u4", tab[:5] + (4,), None),
-                                  ("u2_br2", tab[:5] + (2, 2), None), ("u2_x_t", tab[:5] + (2,), False),
-                                  ("u2_gather_x", tab[:5] + (2,), True)):
+            for name, cfg, gx in (("table", tab, None), ("br2", tab[:5] + (2,), None), ("br4", tab[:5] + (4,), None),
+                                  ("x_t", tab, False), ("gather_x", tab, True)):
                 us = time_kernel(p5, m, lambda x, q, o, c=cfg, g=gx: gemm_half2.qgemm_half2(x, q, None, o, c,
                                                                                            gather_x=g))
                 w.writerow([n, k, m, 0.005, "half2_" + name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])

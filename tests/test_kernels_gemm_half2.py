@@ -49,11 +49,11 @@ def test_table_config_matches_reference(n, k, group_size, sym, fraction, m, dtyp
 
 
 # tile shapes, split-K (explicit splits 1, 2, 3 of 5 blocks; auto), the software-pipelined loop (PIPE 2, 3), the
-# outlier epilogue steps per loop iteration (UNROLL) and BR slots per step, 2 and 4 warps
+# BR outlier slots per epilogue step, 2 and 4 warps
 @needs_triton
 @pytest.mark.parametrize("config", ((16, 16, 1, 1), (16, 32, 1, 2), (32, 32, 1, 3), (64, 16, 1, 0), (16, 64, 1, 0),
                                     (32, 32, 2, 2), (16, 32, 1, 2, 2), (16, 32, 1, 3, 3), (32, 16, 1, 1, 2, 2),
-                                    (16, 64, 1, 0, 2, 4, 4), (16, 64, 1, 3, 2, 0, 4), (64, 64, 4, 2, 2)))
+                                    (16, 64, 1, 0, 2, 4), (16, 64, 1, 3, 1, 1), (64, 64, 4, 2, 2)))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_tiles_and_splits(config, dtype):
     run(50, 1200, -1, 0.02, False, 37, dtype, True, seed=config[1], config=config)
@@ -61,9 +61,9 @@ def test_tiles_and_splits(config, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("gather_x", (True, False))
-@pytest.mark.parametrize("m,unroll", ((3, 1), (16, 1), (5, 2), (16, 3)))
-def test_outliers_from_x_or_its_transpose(gather_x, m, unroll):
-    run(40, 700, 256, 0.05, False, m, torch.float16, False, seed=m, config=(16, 32, 1, 2, 2, unroll), gather_x=gather_x)
+@pytest.mark.parametrize("m", (3, 16))
+def test_outliers_from_x_or_its_transpose(gather_x, m):
+    run(40, 700, 256, 0.05, False, m, torch.float16, False, seed=m, config=(16, 32, 1, 2, 2), gather_x=gather_x)
 
 
 @needs_triton

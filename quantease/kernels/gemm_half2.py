@@ -34,7 +34,7 @@ from quantease.kernels import gemm_swap
 from quantease.kernels.prepare import half2_words_per_role
 
 Q = 8  # words per role per 256-column block: the layout this kernel reads
-# (BM, BN, num_warps, SPLIT_K[, PIPE[, UNROLL[, BR]]]) by M bucket; SPLIT_K 0: gemm_swap.pick_split to SPLIT_TARGET
+# (BM, BN, num_warps, SPLIT_K[, PIPE[, BR]]) by M bucket; SPLIT_K 0: gemm_swap.pick_split to SPLIT_TARGET
 # programs.  H200, session 6 (benchmarks/kernels_half2.py --asym, results/kernels_half2.md): the software-pipelined
 # loop (PIPE 2: the next block's words and x tiles by cp.async, one wait per block) against the plain one (a chain of
 # 16 x-tile L2 round trips per block, each behind the previous slot's barrier) at 8192^2 M = 2 / 16: (16, 64) 17.8 /
@@ -49,9 +49,10 @@ MAX_M = max(CONFIGS)
 # M = 2 too: ahead of the half2 GEMV at M = 2 (same call, asymmetric): 8192^2 17.8 vs 19.5 us, 28672x8192 52.3 vs
 # 79.8, 8192x28672 44.9 vs 55.9, 4096^2 8.2 vs 8.0
 MIN_M = 2
-UNROLL_OUTLIERS = 1  # outlier epilogue steps per loop iteration (see _add_outliers).  H200, session 6, 0.5%
-# outliers (the loop: +23-56%): the split's slots prefetched into L2 first -2..+9 points, 2 / 4 slots per step -18..+19 /
-# -24..+12 (4 wins at K = 28672 only), 2 / 3 / 4 steps per iteration 0..+25 / -3..+5 / +1..+17
+# The outlier epilogue is gemm_swap.add_outliers (a loop of BR-slot steps).  H200, session 6, 0.5% outliers (the loop:
+# +23-56% over 0%; kernels_half2.md): the split's slots prefetched into L2 first -2..+9 points, 2 / 4 slots per step
+# -18..+19 / -24..+12 (4 wins at K = 28672 only), 2 / 3 / 4 steps unrolled per iteration 0..+25 / -3..+5 / +1..+17
+# (the unrolled epilogue is in commit c31b07b; the L2 prefetch was not committed)
 
 
 def pick_config(m):
@@ -139,6 +140,7 @@ def _subs(z, BF16: tl.constexpr):
 
 @triton.jit
 def _pick(s0, s3, s6, j: tl.constexpr, BF16: tl.constexpr):
+    """The _subs tile for slot j's bit position (the p that _slot computes)."""
     MB: tl.constexpr = 7 if BF16 else 10
     p: tl.constexpr = 3 * j if 3 * j + 3 <= MB else 0
     if p == 0:
@@ -147,27 +149,6 @@ def _pick(s0, s3, s6, j: tl.constexpr, BF16: tl.constexpr):
         return s3
     else:
         return s6
-
-
-@triton.jit
-def _add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt, stride_xtm,
-                  stride_oi, stride_ov, BR: tl.constexpr, U: tl.constexpr):
-    """gemm_swap.add_outliers with U steps of BR slots per loop iteration (straight-line inside it), so that
-    ptxas can issue U steps' idx / val loads, then their gathers, instead of one idx -> gather round trip after
-    another (the plain loop, U = 1: +26-56% at 0.5% outliers, M = 2, H200).  All U steps fully unrolled over the
-    split's slots took 255 registers (sm_90 AOT, (16, 64, 1), 6 steps; 952 B of stack at 18)."""
-    rps = tl.cdiv(R, tl.num_programs(1))
-    r_hi = min(split * rps + rps, R)
-    for r0 in range(split * rps, r_hi, BR * U):
-        for u in tl.static_range(U):
-            offs_r = r0 + u * BR + tl.arange(0, BR)
-            rmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
-            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
-            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-            xg = tl.load(xt_ptr + idx.to(tl.int32)[:, :, None] * stride_xt + offs_m[None, None, :] * stride_xtm,
-                         mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
-            acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
-    return acc
 
 
 @triton.jit
@@ -184,8 +165,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
                        stride_ov,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
-                       ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
-                       U: tl.constexpr):
+                       ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr):
     # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -244,16 +224,16 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
         if split == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     if OUTLIERS:
-        acc = _add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt,
-                            stride_xtm, stride_oi, stride_ov, BR, U)
+        acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
+                                     stride_xt, stride_xtm, stride_oi, stride_ov, BR)
     gemm_swap.store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
 
 
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
-    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, UNROLL[, BR]]]) overrides the table (SPLIT_K
-    0: auto; PIPE: the K loop software-pipelined that deep, None / 1: plain loads; UNROLL: outlier epilogue steps
-    per loop iteration, 0 / None: UNROLL_OUTLIERS; BR: outlier slots per step, 0 / None: from BR_ELEMS)."""
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR]]) overrides the table (SPLIT_K 0: auto;
+    PIPE: the K loop software-pipelined that deep, None / 1: plain loads; BR: outlier slots per epilogue step,
+    0 / None: from gemm_swap.BR_ELEMS)."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
                              "(gemv_half2.add_layout: per channel or groups of a multiple of 256); got "
@@ -264,8 +244,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None):
     cfg = tuple(config or pick_config(m))
     bm, bn, warps, split = cfg[:4]
     pipe = cfg[4] if len(cfg) > 4 else None
-    unroll = cfg[5] if len(cfg) > 5 and cfg[5] else UNROLL_OUTLIERS
-    br = cfg[6] if len(cfg) > 6 and cfg[6] else None
+    br = cfg[5] if len(cfg) > 5 and cfg[5] else None
     if split == 0:
         split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET)
     bps = triton.cdiv(triton.cdiv(k, 256), split)
@@ -291,6 +270,6 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None):
         ov.stride(0) if ov is not None else 0,
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
         HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split > 1, ATOMIC=x.is_cuda,
-        BM=bm, BN=bn, BR=br, PIPE=pipe, U=unroll,
+        BM=bm, BN=bn, BR=br, PIPE=pipe,
         num_warps=warps, num_stages=1)
     return out
