@@ -50,6 +50,15 @@ def prepared(n, k, fraction, device, asym, seed=0):
     return p
 
 
+def shape_weights(args, shapes, t0, rotate, device):
+    """(n, k, weight copies at 0%, at 0.5% outliers) per shape, until --deadline seconds after t0."""
+    for n, k in shapes:
+        if time.time() - t0 > args.deadline:
+            print(f"deadline: {n}x{k} and later shapes skipped", flush=True)
+            return
+        yield n, k, rotate(prepared(n, k, 0.0, device, args.asym)), rotate(prepared(n, k, 0.005, device, args.asym))
+
+
 def words_q4(p):
     """The same codes in the Q = 4 half2 layout (the GEMV's layout before Q = 8)."""
     from quantease.kernels.prepare import codes_from_planes, pack_half2
@@ -97,12 +106,7 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     w = csv.writer(f)
     w.writerow(["n", "k", "m", "fraction", "variant", "config", "us", "fp16_us", "speedup_vs_fp16"])
     fp16, t0 = {}, time.time()
-    for n, k in shapes:
-        if time.time() - t0 > args.deadline:
-            print(f"deadline: {n}x{k} and later shapes skipped", flush=True)
-            break
-        p0 = rotate(prepared(n, k, 0.0, device, args.asym))
-        p5 = rotate(prepared(n, k, 0.005, device, args.asym))
+    for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
         for m in (2, 4, 8, 16, 32):
             base = time_fp16(n, k, m, fp16)
             tab = gemm_half2.pick_config(m)
@@ -117,7 +121,6 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
                 cells.append(f"{name} {us:.1f} ({us / us0 - 1:+.0%})")
             f.flush()
             print(f"| {n}x{k} | {m} | fp16 {base:.1f} | 0% {us0:.1f} | 0.5%: " + ", ".join(cells) + " |", flush=True)
-        del p0, p5
     print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
 
 
@@ -165,12 +168,7 @@ def main():
     def row(n, k, m, frac, name, cfg, us, base):
         w.writerow([n, k, m, frac, name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
 
-    for n, k in shapes:
-        if time.time() - t0 > args.deadline:
-            print(f"deadline: {n}x{k} and later shapes skipped", flush=True)
-            break
-        p0 = rotate(prepared(n, k, 0.0, device, args.asym))
-        p5 = rotate(prepared(n, k, 0.005, device, args.asym))
+    for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
         # gemm_swap as the dispatch ran it before gemm_half2: uint8 zeros (its 1-warp configs need them, see its doc)
         p0u = [dict(q, zeros=None if q["zeros"] is None else q["zeros"].to(torch.uint8)) for q in p0]
         for m in MS:
@@ -201,7 +199,7 @@ def main():
             row(n, k, m, 0.0, "gemv_q4", gemv_half2.pick_config(m, n, k, 4), q4, base)
             print(f"| {n}x{k} | {m} | fp16 {base:.1f} | GEMV Q=4 {q4:.1f} | Q=8 {q8:.1f} ({q8 / q4 - 1:+.1%}) |",
                   flush=True)
-        del p0, p5, p0u
+        del p0u
     print("candidates: " + "; ".join(f"{b}: " + ", ".join(f"{i}={c}" for i, c in enumerate(CANDS[b])) for b in CANDS))
     print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
 

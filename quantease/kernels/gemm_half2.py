@@ -167,15 +167,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
                        ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr):
     # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m  # M tiles of one weight tile side by side: the weight comes from DRAM once
-    pid_n = pid // num_m
-    split = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    mask_m = offs_m < M
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
+    offs_m, mask_m, offs_n, mask_n, split = gemm_swap.tile_offsets(M, N, BM, BN)
     q = tl.arange(0, 16)
     rows = w_ptr + offs_n[:, None] * stride_w + q[None, :]  # int16 view: 48 per row per block, role r at 16 r
     x_cols = x_ptr + offs_m[None, :] * stride_xm  # x^T slot tile [16, BM]: x read with strides

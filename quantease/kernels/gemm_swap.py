@@ -155,16 +155,7 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
     # per-row [BN] zero, see the module doc); (z - ZERO) * sum_k x comes off after it (per split; per block in mode 1)
     XSUM: tl.constexpr = REGA and HAS_ZEROS
     WPB: tl.constexpr = 8 * W0  # plane-0 words per block = columns per slot = the dot's K
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m  # M tiles of one weight tile run side by side: the weight comes from DRAM once
-    pid_n = pid // num_m
-    split = tl.program_id(1)
-
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    mask_m = offs_m < M
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
+    offs_m, mask_m, offs_n, mask_n, split = tile_offsets(M, N, BM, BN)
     q = tl.arange(0, WPB)
     hcol = (q // 16) * 8 + (q % 8)  # 3-bit: the plane-1 word of each plane-0 word
     hsh = (q % 16) // 8
@@ -281,6 +272,19 @@ def qgemm_swap_kernel(x_ptr, xt_ptr, y_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, b_ptr,
         acc = add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt,
                            stride_xtm, stride_oi, stride_ov, BR)
     store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
+
+
+@triton.jit
+def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's token rows (offs_m, mask_m), weight rows (offs_n, mask_n) and K split of a swap-AB grid
+    (axis 0: weight tiles x M tiles, axis 1: splits)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m  # M tiles of one weight tile run side by side: the weight comes from DRAM once
+    pid_n = pid // num_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return offs_m, offs_m < M, offs_n, offs_n < N, tl.program_id(1)
 
 
 @triton.jit
