@@ -60,11 +60,13 @@ def weight_bytes(p):
 
 
 def call_bytes(p, m):
-    """What one call of the default dispatch reads of the weight: the half2 words at M <= ops.GEMV_MAX_M (where
-    they exist), else the bit planes -- never both -- plus scales, zeros and outlier slots."""
-    from quantease.kernels import ops
+    """What one call of the default dispatch reads of the weight: the half2 words up to gemm_half2.MAX_M rows
+    (where they exist: the GEMV and gemm_half2 read them), else the bit planes -- never both -- plus scales, zeros
+    and outlier slots."""
+    from quantease.kernels import gemm_half2, ops
 
-    codes = ("words",) if m <= ops.GEMV_MAX_M and p.get("words") is not None else ("plane0", "plane1")
+    words = p.get("words") is not None and m <= max(ops.GEMV_MAX_M, gemm_half2.MAX_M)
+    codes = ("words",) if words else ("plane0", "plane1")
     names = codes + ("scales", "zeros", "outlier_idx", "outlier_val")
     return sum(p[t].numel() * p[t].element_size() for t in names if p.get(t) is not None)
 

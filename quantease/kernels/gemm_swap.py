@@ -1,4 +1,5 @@
-"""GEMM path v5 (prefill / batched decode, M = 3..256): swap-AB, the dequantized weight is the MMA's A operand.
+"""GEMM path v5 (batched decode, M = 3..128; from M = 33 on where gemm_half2.py applies): swap-AB, the dequantized
+weight is the MMA's A operand.
 
 Computes y^T = W x^T: program (pid_n, pid_m, split) owns acc [BN, BM] (fp32, weight rows x tokens) and walks
 its share of K one 256-column block at a time.  It loads the block's [BN, WPB] plane words once; for each code
