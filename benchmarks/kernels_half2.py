@@ -98,7 +98,8 @@ def check(device, shapes, asym):
 
 def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR slots per step, x
-    gathered from x itself or from an x^T copy (default: pick_gather_x).  Session 6 calls 4 and 6 timed more
+    gathered from x itself or from an x^T copy (default: pick_gather_x), and the epilogue alone (the K loop
+    skipped: launch, x^T copy, zeroing, outlier adds, atomics).  Session 6 calls 4 and 6 timed more
     (the split's slots prefetched into L2 first; steps unrolled, in commit c31b07b; results/kernels_half2.md)."""
     from quantease.kernels import gemm_half2
 
@@ -113,10 +114,11 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
             us0 = time_kernel(p0, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
             w.writerow([n, k, m, 0.0, "half2", str(tab), f"{us0:.2f}", f"{base:.2f}", f"{base / us0:.3f}"])
             cells = []
-            for name, cfg, gx in (("table", tab, None), ("br2", tab[:5] + (2,), None), ("br4", tab[:5] + (4,), None),
-                                  ("x_t", tab, False), ("gather_x", tab, True)):
-                us = time_kernel(p5, m, lambda x, q, o, c=cfg, g=gx: gemm_half2.qgemm_half2(x, q, None, o, c,
-                                                                                           gather_x=g))
+            for name, cfg, gx, only in (("table", tab, None, False), ("br2", tab[:5] + (2,), None, False),
+                                        ("br4", tab[:5] + (4,), None, False), ("x_t", tab, False, False),
+                                        ("gather_x", tab, True, False), ("epilogue_alone", tab, None, True)):
+                us = time_kernel(p5, m, lambda x, q, o, c=cfg, g=gx, e=only: gemm_half2.qgemm_half2(
+                    x, q, None, o, c, gather_x=g, outliers_only=e))
                 w.writerow([n, k, m, 0.005, "half2_" + name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
                 cells.append(f"{name} {us:.1f} ({us / us0 - 1:+.0%})")
             f.flush()

@@ -67,6 +67,16 @@ def test_outliers_from_x_or_its_transpose(gather_x, m):
 
 
 @needs_triton
+@pytest.mark.parametrize("config", (None, (16, 32, 1, 2)))
+def test_outliers_only(config):  # the benchmarks' epilogue-alone mode: y = x @ H^T + bias, the K loop skipped
+    w, p, x, b, out = make(40, 700, -1, 0.05, False, 5, torch.float16, True, seed=7)
+    y = gemm_half2.qgemm_half2(x, p, b, out, config, outliers_only=True)
+    dense_h = torch.zeros(40, 700, dtype=torch.float64)
+    dense_h.scatter_add_(1, w[3].long().cpu(), w[4].double().cpu())
+    check(y, x.double().cpu() @ dense_h.t() + b.double().cpu(), torch.float16)
+
+
+@needs_triton
 def test_extreme_codes_and_zeros():
     """All codes 0 or 7 against zeros 0 / 7 (the ends of every HSUB2 constant), and the spare slot's columns."""
     n, k = 16, 512

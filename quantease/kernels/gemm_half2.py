@@ -221,11 +221,12 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
     gemm_swap.store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
 
 
-def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None):
+def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
     out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR]]) overrides the table (SPLIT_K 0: auto;
     PIPE: the K loop software-pipelined that deep, None / 1: plain loads; BR: outlier slots per epilogue step,
-    0 / None: from gemm_swap.BR_ELEMS)."""
+    0 / None: from gemm_swap.BR_ELEMS).  outliers_only (benchmarks: the epilogue's cost alone): skip the K loop,
+    out = x @ H^T (+ bias) only."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
                              "(gemv_half2.add_layout: per channel or groups of a multiple of 256); got "
@@ -256,7 +257,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None):
         x, xt, out, words, p["scales"], zeros if zeros is not None else p["scales"],
         bias if bias is not None else p["scales"], oi if oi is not None else words,
         ov if ov is not None else p["scales"],
-        m, n, k, r, p["group_size"], bps,
+        m, n, k, r, p["group_size"], 0 if outliers_only else bps,
         x.stride(0), sxt, sxtm, out.stride(0), words.stride(0), p["scales"].stride(0),
         zeros.stride(0) if zeros is not None else 0, oi.stride(0) if oi is not None else 0,
         ov.stride(0) if ov is not None else 0,
