@@ -21,8 +21,7 @@ Triton path: M = 2..32 on the half2-word GEMM (kernels/gemm_half2.py: mma.sync f
 LOP3) where its layout is there (3-bit, per channel or groups of a multiple of 256, fp16/bf16 x: p["words"] at Q = 8,
 built by prepare_weights on CUDA); GEMV (kernels/gemv.py) for the rest of M <= GEMV_MAX_M rows; swap-AB tensor-core
 GEMM (kernels/gemm_swap.py) up to SWAP_MAX_M rows; above that (CUDA only) dequantize to a dense weight for this call
-+ cuBLAS.  The
-outliers are fused in the GEMV and the swap GEMM's epilogue (small tiles), else a second launch
++ cuBLAS.  The outliers are fused in the GEMV and the GEMMs' epilogues (small tiles), else a second launch
 (kernels/outliers.py); the dequant path adds them to its dense weight in the dequant kernel (N x R adds instead of
 M x N x R).
 kernels/gemm.py (the v3 fused GEMM) stays as the dequant kernel's home and a reference point in the benchmarks.
