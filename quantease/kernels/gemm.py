@@ -256,18 +256,9 @@ def _dequant_block(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, offs_n, mask_n, blk, K, 
     PW: tl.constexpr = 32 // W0
     WPB: tl.constexpr = 8 * W0
     q = tl.arange(0, WPB)
-    if GUARD:
-        lmask = (mask_n & (blk * 256 + offs_n * 0 < K))[:, None]
-    else:
-        lmask = mask_n[:, None]
-    a = tl.load(p0_ptr + offs_n[:, None] * stride_p0 + (blk * WPB + q)[None, :], mask=lmask, other=0)
-    if BITS == 3:
-        hcol = (q // 16) * 8 + (q % 8)
-        hs = tl.load(p1_ptr + offs_n[:, None] * stride_p1 + (blk * 8 + hcol)[None, :], mask=lmask,
-                     other=0) >> ((q % 16) // 8)[None, :]
-        a_hi = a >> 16
-        h_hi = hs >> 16
-        h_15 = hs << 16
+    lmask = (mask_n & (blk * 256 + offs_n * 0 < K)) if GUARD else mask_n
+    a, hs, a_hi, h_hi, h_15 = block_words(p0_ptr, p1_ptr, offs_n, lmask, stride_p0, stride_p1, blk, q,
+                                          (q // 16) * 8 + (q % 8), ((q % 16) // 8)[None, :], BITS, True, WPB)
     if PER_CHANNEL:  # one scale / zero per row: loaded once per block, not per slot
         s_row = tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         if HAS_ZEROS:
