@@ -237,21 +237,17 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     cfg = tuple(config or pick_config(m))
     bm, bn, warps, split = cfg[:4]
     pipe = cfg[4] if len(cfg) > 4 else None
-    br = cfg[5] if len(cfg) > 5 and cfg[5] else None
+    br = cfg[5] if len(cfg) > 5 else None
     if split == 0:
         split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET)
-    bps = triton.cdiv(triton.cdiv(k, 256), split)
-    split = triton.cdiv(triton.cdiv(k, 256), bps)  # no empty split
+    split, bps = gemm_swap.split_blocks(k, split)
     words = p["words"].view(torch.int16)
     zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
     r = oi.shape[1] if oi is not None else 0
-    gx = gemm_swap.pick_gather_x(m, n, r) if gather_x is None else gather_x
-    xt = x.t().contiguous() if r and not gx else x
-    sxt, sxtm = (1, x.stride(0)) if xt is x else (xt.stride(0), 1)
+    xt, sxt, sxtm = gemm_swap.epilogue_x(x, n, r, gather_x)
     if split > 1:
         out.zero_()
-    if br is None:
-        br = max(1, min(8, triton.next_power_of_2(gemm_swap.BR_ELEMS * 32 * warps // (bm * bn) + 1) // 2))
+    br = br or gemm_swap.epilogue_br(warps, bm, bn)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
     qgemm_half2_kernel[grid](
         x, xt, out, words, p["scales"], zeros if zeros is not None else p["scales"],

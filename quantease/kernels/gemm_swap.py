@@ -330,6 +330,29 @@ def pick_gather_x(m, n, r):
     return r > 0 and m <= GATHER_X_MAX_M and n * r * (m - 1) <= GATHER_X_MAX_SECTORS
 
 
+def epilogue_x(x, n, r, gather_x=None):
+    """What the fused outlier epilogue (add_outliers) gathers from, with its (k, m) strides, for r slots per row: x
+    itself (r = 0, or where pick_gather_x finds the extra sectors few: M sectors per slot, no copy) or an x^T copy
+    made here (one BM-contiguous sector per slot, one more launch)."""
+    gx = pick_gather_x(x.shape[0], n, r) if gather_x is None else gather_x
+    if r == 0 or gx:
+        return x, 1, x.stride(0)
+    xt = x.t().contiguous()
+    return xt, xt.stride(0), 1
+
+
+def epilogue_br(warps, bm, bn):
+    """Outlier slots per add_outliers step: about BR_ELEMS gathered x elements per thread (spill-free)."""
+    return max(1, min(8, triton.next_power_of_2(BR_ELEMS * 32 * warps // (bm * bn) + 1) // 2))
+
+
+def split_blocks(k, split):
+    """(splits, 256-column blocks per split) for a requested split of K, none of them empty."""
+    blocks = triton.cdiv(k, 256)
+    bps = triton.cdiv(blocks, split)
+    return triton.cdiv(blocks, bps), bps
+
+
 def pick_split(m, n, k, bm, bn, target):
     """Splits of K (powers of 2, at most 8, each >= 2 blocks of 256) until there are >= target programs."""
     programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -386,20 +409,14 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
     if split == 0:
         target = SPLIT_TARGET_REGA if rega else (SPLIT_TARGET_ONE_WARP if warps == 1 else SPLIT_TARGET)
         split = pick_split(m, n, k, bm, bn, target) if x.dtype != torch.float32 else 1
-    blocks = triton.cdiv(k, 256)
-    bps = triton.cdiv(blocks, split)
-    split = triton.cdiv(blocks, bps)  # no empty split
+    split, bps = split_blocks(k, split)
     bits = p["bits"]
     mode = group_mode(p["group_size"])
     plane1 = p["plane1"] if p["plane1"] is not None else p["plane0"]
     zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
     fused = (OUTLIERS_FUSED if outliers_fused is None else outliers_fused) and bm <= FUSED_MAX_BM
     outliers = 0 if oi is None else (1 if fused else 2)
-    # the epilogue gathers rows of x^T (BM contiguous values, one sector); at small M gathering from x itself
-    # (M sectors per outlier) can beat the extra transpose launch
-    gx = pick_gather_x(m, n, oi.shape[1] if oi is not None else 0) if gather_x is None else gather_x
-    xt = x.t().contiguous() if outliers == 1 and not gx else x
-    sxt, sxtm = (1, x.stride(0)) if xt is x else (xt.stride(0), 1)
+    xt, sxt, sxtm = epilogue_x(x, n, oi.shape[1] if outliers == 1 else 0, gather_x)
     zload = warps == 1 and not rega and zeros is None
     zptr = p["plane0"].view(torch.uint8) if zload else p["scales"]  # ZLOAD reads it with stride 0 (see the kernel)
     hsh = _hsh_table(x.device) if rega and bits == 3 else p["plane0"]
@@ -408,7 +425,7 @@ def qgemm_swap(x, p, bias, out, config=None, outliers_fused=None, inplace=True, 
     # asym x-sum pass: [BM, XBK] x tiles of 1024 / (acc elements per thread): no more registers than the K loop
     # (sm_90 AOT: 80 at (16, 64, 4), 128 at (16, 128, 4), 123 at (64, 128, 8), as symmetric)
     xbk = max(64, min(1024, 1024 * 32 * warps // (bm * bn)))
-    br = max(1, min(8, triton.next_power_of_2(BR_ELEMS * 32 * warps // (bm * bn) + 1) // 2))
+    br = epilogue_br(warps, bm, bn)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
     qgemm_swap_kernel[grid](
         x, xt, out, p["plane0"], plane1, p["scales"], zeros if zeros is not None else zptr,
