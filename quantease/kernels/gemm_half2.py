@@ -69,6 +69,12 @@ def supports(p, x):
             and x.dtype in (torch.float16, torch.bfloat16))
 
 
+# $0 = t - sub on both 16-bit lanes, sub the asm's first input ($1): bf16 as t * 1 + sub (an FMA; sub holds
+# -(2**e + z): the sub.bf16x2 form needs a newer PTX ISA), fp16 as sub.f16x2 (its `one` register unused)
+_SUB_BF16 = tl.constexpr("mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, t, one, $1;")
+_SUB_F16 = tl.constexpr("sub.f16x2 $0, t, $1;")
+
+
 @triton.jit
 def _slot(w, sub, j: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
     """Code slot j (0..4) of an int16 role tile -> code - z in x's dtype.  sub: int16 tile, 2**e + z with z at
@@ -79,16 +85,10 @@ def _slot(w, sub, j: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
     mask: tl.constexpr = (7 << p) * 0x10001
     magic: tl.constexpr = (((134 - p) << 7) if BF16 else ((25 - p) << 10)) * 0x10001
     dt = tl.bfloat16 if BF16 else tl.float16
-    if ASM:  # bf16: t * 1 + (-sub) as an FMA (the sub.bf16x2 form needs a newer PTX ISA); fp16: t - sub
-        if BF16:
-            return tl.inline_asm_elementwise(
-                f"{{ .reg .b32 t, one; shr.b32 t, $1, {sh}; lop3.b32 t, t, {mask}, {magic}, 0xEA; "
-                "mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, t, one, $2; }", "=r,r,r", [w, sub], dtype=dt,
-                is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise(
-                f"{{ .reg .b32 t; shr.b32 t, $1, {sh}; lop3.b32 t, t, {mask}, {magic}, 0xEA; sub.f16x2 $0, t, $2; }}",
-                "=r,r,r", [w, sub], dtype=dt, is_pure=True, pack=2)
+    if ASM:
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t, one; shr.b32 t, $2, {sh}; lop3.b32 t, t, {mask}, {magic}, 0xEA; "
+            f"{_SUB_BF16 if BF16 else _SUB_F16} }}", "=r,r,r", [sub, w], dtype=dt, is_pure=True, pack=2)
     else:
         c = ((w >> (3 * j)) & 7).to(tl.float32)
         return (c - _zero_of(sub, p, BF16)).to(dt)
@@ -100,18 +100,11 @@ def _spare(w0, w1, w2, sub, BF16: tl.constexpr, ASM: tl.constexpr):
     magic: tl.constexpr = (134 << 7 if BF16 else 25 << 10) * 0x10001
     dt = tl.bfloat16 if BF16 else tl.float16
     if ASM:
-        if BF16:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 a, b, c, t; shr.b32 a, $1, 15; shr.b32 b, $2, 14; shr.b32 c, $3, 13; "
-                f"lop3.b32 t, a, 0x00010001, {magic}, 0xEA; lop3.b32 t, b, 0x00020002, t, 0xEA; "
-                "lop3.b32 t, c, 0x00040004, t, 0xEA; mov.b32 a, 0x3F803F80; fma.rn.bf16x2 $0, t, a, $4; }",
-                "=r,r,r,r,r", [w0, w1, w2, sub], dtype=dt, is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 a, b, c, t; shr.b32 a, $1, 15; shr.b32 b, $2, 14; shr.b32 c, $3, 13; "
-                f"lop3.b32 t, a, 0x00010001, {magic}, 0xEA; lop3.b32 t, b, 0x00020002, t, 0xEA; "
-                "lop3.b32 t, c, 0x00040004, t, 0xEA; sub.f16x2 $0, t, $4; }",
-                "=r,r,r,r,r", [w0, w1, w2, sub], dtype=dt, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 a, b, c, t, one; shr.b32 a, $2, 15; shr.b32 b, $3, 14; shr.b32 c, $4, 13; "
+            f"lop3.b32 t, a, 0x00010001, {magic}, 0xEA; lop3.b32 t, b, 0x00020002, t, 0xEA; "
+            f"lop3.b32 t, c, 0x00040004, t, 0xEA; {_SUB_BF16 if BF16 else _SUB_F16} }}",
+            "=r,r,r,r,r", [sub, w0, w1, w2], dtype=dt, is_pure=True, pack=2)
     else:
         c = (((w0 >> 15) & 1) | ((w1 >> 14) & 2) | ((w2 >> 13) & 4)).to(tl.float32)
         return (c - _zero_of(sub, 0, BF16)).to(dt)
