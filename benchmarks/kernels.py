@@ -128,6 +128,24 @@ def time_kernel(p, m, run, dtype=torch.float16):
     return us
 
 
+def rotated_timers(tiny=False):
+    """(rotate, time_kernel, time_fp16) for scripts that time many configs on one weight: rotate(p) makes the L2-cold
+    weight copies once, time_kernel(copies, m, run) times run(x, copy, out) over them (CUDA graph, fp16 x), and
+    time_fp16 is time_fp16 above.  tiny: the CPU dry run -- one copy, each run called once, every time 1.0."""
+    if tiny:
+        def time_once(ps, m, run):
+            x = torch.randn(m, ps[0]["in_features"], dtype=torch.float16)
+            run(x, ps[0], torch.empty(m, ps[0]["out_features"], dtype=torch.float16))
+            return 1.0
+        return (lambda p: [p]), time_once, (lambda n, k, m, cache: 1.0)
+
+    def time_rotated(ps, m, run):
+        x = torch.randn(m, ps[0]["in_features"], device="cuda", dtype=torch.float16)
+        out = torch.empty(m, ps[0]["out_features"], device="cuda", dtype=torch.float16)
+        return graph_time([lambda q=q: run(x, q, out) for q in ps])
+    return (lambda p: copies(p, n_copies(weight_bytes(p)))), time_rotated, time_fp16
+
+
 def run_default(x, p, out):
     from quantease.kernels import ops
 

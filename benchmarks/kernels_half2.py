@@ -139,22 +139,9 @@ def main():
 
     t0 = time.time()
     device, shapes = "cuda", SHAPES
-    rotate = lambda p: kb.copies(p, kb.n_copies(kb.weight_bytes(p)))  # noqa: E731
-    time_fp16 = kb.time_fp16
-
-    def time_kernel(ps, m, run):
-        x = torch.randn(m, ps[0]["in_features"], device=device, dtype=torch.float16)
-        out = torch.empty(m, ps[0]["out_features"], device=device, dtype=torch.float16)
-        return kb.graph_time([lambda q=q: run(x, q, out) for q in ps])
+    rotate, time_kernel, time_fp16 = kb.rotated_timers(args.tiny)
     if args.tiny:
         device, shapes = "cpu", ((40, 600), (72, 300))
-        rotate = lambda p: [p]  # noqa: E731
-        time_fp16 = lambda n, k, m, cache: 1.0  # noqa: E731
-
-        def time_kernel(ps, m, run):
-            x = torch.randn(m, ps[0]["in_features"], dtype=torch.float16)
-            run(x, ps[0], torch.empty(m, ps[0]["out_features"], dtype=torch.float16))
-            return 1.0
     else:
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.outliers:

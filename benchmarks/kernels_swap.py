@@ -245,22 +245,9 @@ def main():
 
     t0 = time.time()
     device, shapes, ms = "cuda", SHAPES, MS
-    time_fp16 = kb.time_fp16
-    rotate = lambda p: kb.copies(p, kb.n_copies(kb.weight_bytes(p)))  # noqa: E731  (made once per weight)
-
-    def time_kernel(ps, m, run):  # kb.time_kernel, with the weight copies made once instead of per call
-        x = torch.randn(m, ps[0]["in_features"], device="cuda", dtype=torch.float16)
-        out = torch.empty(m, ps[0]["out_features"], device="cuda", dtype=torch.float16)
-        return kb.graph_time([lambda q=q: run(x, q, out) for q in ps])
+    rotate, time_kernel, time_fp16 = kb.rotated_timers(args.tiny)  # weight copies made once, not per call
     if args.tiny:  # run every code path once on CPU, no timing
         device, shapes, ms = "cpu", ((40, 600), (72, 300)), (4, 16, 64, 256)
-        time_fp16 = lambda n, k, m, cache: 1.0  # noqa: E731
-        rotate = lambda p: [p]  # noqa: E731
-
-        def time_kernel(ps, m, run):
-            x = torch.randn(m, ps[0]["in_features"], dtype=torch.float16)
-            run(x, ps[0], torch.empty(m, ps[0]["out_features"], dtype=torch.float16))
-            return 1.0
         print("tiny: CPU interpreter, timers stubbed (every time reads 1.0)")
     else:
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
