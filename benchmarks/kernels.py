@@ -28,9 +28,10 @@ FRACTIONS = (0.0, 0.005, 0.01)
 ROTATE_BYTES = 512 << 20
 
 
-def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0, asym=False):
+def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0, asym=False, planes=None):
     """Random checkpoint tensors (every bit pattern is a valid code; asym: random zeros, else symmetric) ->
-    prepared dict + checkpoint tuple."""
+    prepared dict + checkpoint tuple (planes: prepare_weights' option; None = the default, which on CUDA drops
+    the bit planes where the Q = 8 half2 words cover every path)."""
     from quantease.format import layout
     from quantease.kernels import prepare_weights
 
@@ -50,7 +51,7 @@ def make_prepared(n, k, bits, group_size, fraction, device="cuda", seed=0, asym=
         gz = torch.Generator(device=device).manual_seed(seed + 1000)
         zeros = torch.randint(0, 2 ** bits, (n, ng), generator=gz, device=device, dtype=torch.uint8)
     ckpt = (qweight, scales, zeros, idx, val)
-    return prepare_weights(*ckpt, bits, group_size, k), ckpt
+    return prepare_weights(*ckpt, bits, group_size, k, planes=planes), ckpt
 
 
 def weight_bytes(p):
@@ -61,11 +62,11 @@ def weight_bytes(p):
 
 def call_bytes(p, m):
     """What one call of the default dispatch reads of the weight: the half2 words up to gemm_half2.MAX_M rows
-    (where they exist: the GEMV and gemm_half2 read them), else the bit planes -- never both -- plus scales, zeros
-    and outlier slots."""
+    and at every M where the planes were dropped, else the bit planes -- never both -- plus scales, zeros and
+    outlier slots."""
     from quantease.kernels import gemm_half2, ops
 
-    words = p.get("words") is not None and m <= max(ops.GEMV_MAX_M, gemm_half2.MAX_M)
+    words = p.get("words") is not None and (p.get("plane0") is None or m <= max(ops.GEMV_MAX_M, gemm_half2.MAX_M))
     codes = ("words",) if words else ("plane0", "plane1")
     names = codes + ("scales", "zeros", "outlier_idx", "outlier_val")
     return sum(p[t].numel() * p[t].element_size() for t in names if p.get(t) is not None)
@@ -248,7 +249,7 @@ def bench(args, writer):
                 rows.append((n, k, m, fraction, us, gbs, base))
                 writer.writerow(["bench", n, k, m, fraction, variant, f"{us:.2f}", f"{gbs:.0f}", f"{base / us:.3f}",
                                  f"{base:.2f}"])
-                if m == 256 and fraction == 0.0:  # the fused GEMM that the dequant+cuBLAS path replaces here
+                if m == 256 and fraction == 0.0 and p.get("plane0") is not None:  # the fused GEMM that the dequant+cuBLAS path replaces here
                     from quantease.kernels import gemm
 
                     fused = time_kernel(p, m, lambda x, q, o: gemm.qgemm(x, q, None, o))
@@ -270,34 +271,45 @@ def bench(args, writer):
 
 def large_m_parts(args, writer):
     """The large-M path's parts, each timed alone (M = 256, each shape of --shapes, 0% and 0.5% outliers):
-    dequantize, dequantize with the outliers added, cuBLAS on a ready weight, the whole gemm.dequant_matmul."""
-    from quantease.kernels import gemm
+    dequantize from the planes and from the half2 words (dequant_half2; its --dq-half2 configs too), each with the
+    outliers added, cuBLAS on a ready weight, the whole gemm.dequant_matmul on the planes and on the words alone."""
+    from quantease.kernels import dequant_half2, gemm
+    from quantease.kernels.prepare import drop_planes
 
     m = 256
-    print(f"\nlarge-M parts, M={m}: | N x K | outliers | dequantize us | with outliers us | cuBLAS us | "
-          "dequant_matmul us |")
+    print(f"\nlarge-M parts, M={m}: | N x K | outliers | dequantize us (planes / words) | with outliers us (planes / "
+          "words) | cuBLAS us | dequant_matmul us (planes / words) |")
     for (n, k), fraction in itertools.product(args.shapes, (0.0, 0.005)):
-        p, _ = make_prepared(n, k, 3, -1, fraction)
+        p, _ = make_prepared(n, k, 3, -1, fraction, planes="keep")
+        pw = drop_planes(dict(p))
         deq = time_kernel(p, m, lambda x, q, o: gemm.dequantize(q, x.dtype))
+        deqw = time_kernel(pw, m, lambda x, q, o: dequant_half2.dequantize_half2(q, x.dtype, outliers=False))
         sc = "-"
         if p["outlier_idx"] is not None:
-            sc = f"{time_kernel(p, m, lambda x, q, o: gemm.dequantize(q, x.dtype, outliers=True)):.1f}"
+            sc = (f"{time_kernel(p, m, lambda x, q, o: gemm.dequantize(q, x.dtype, outliers=True)):.1f} / "
+                  f"{time_kernel(pw, m, lambda x, q, o: dequant_half2.dequantize_half2(q, x.dtype)):.1f}")
         for blocks in args.dq_blocks:  # 256-column blocks per dequant program (gemm.DQ_BLOCKS: the default)
             out = [time_kernel(p, m, lambda x, q, o, b=blocks, f=f: gemm.dequantize(q, x.dtype, outliers=f, blocks=b))
                    for f in ((False, True) if p["outlier_idx"] is not None else (False,))]
             print(f"  {n}x{k} {fraction * 100:g}%: dequantize with {blocks} blocks per program: "
                   + " / ".join(f"{us:.1f}" for us in out) + " us (without / with the outliers)", flush=True)
             writer.writerow(["parts", n, k, m, fraction, f"dequant_blocks{blocks}"] + [f"{us:.2f}" for us in out])
+        for cfg in args.dq_half2:  # dequant_half2 (BN, num_warps) candidates
+            us = time_kernel(pw, m, lambda x, q, o, c=cfg: dequant_half2.dequantize_half2(q, x.dtype, config=c))
+            print(f"  {n}x{k} {fraction * 100:g}%: dequant_half2 {cfg}: {us:.1f} us (outliers added)", flush=True)
+            writer.writerow(["parts", n, k, m, fraction, f"dequant_half2{cfg}", f"{us:.2f}"])
         w = gemm.dequantize(p, torch.float16)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ws = [w] + [w.clone() for _ in range(n_copies(w.numel() * 2) - 1)]
         mm = graph_time([lambda w=w: torch.matmul(x, w.t()) for w in ws])
         del ws, w
         full = time_kernel(p, m, lambda x, q, o: gemm.dequant_matmul(x, q, None, o))
-        print(f"| {n}x{k} | {fraction * 100:g}% | {deq:.1f} | {sc} | {mm:.1f} | {full:.1f} |", flush=True)
-        writer.writerow(["parts", n, k, m, fraction, "dequant/with_outliers/cublas/full", f"{deq:.2f}", sc, f"{mm:.2f}",
-                         f"{full:.2f}"])
-        del p
+        fullw = time_kernel(pw, m, lambda x, q, o: gemm.dequant_matmul(x, q, None, o))
+        print(f"| {n}x{k} | {fraction * 100:g}% | {deq:.1f} / {deqw:.1f} | {sc} | {mm:.1f} | {full:.1f} / {fullw:.1f} |",
+              flush=True)
+        writer.writerow(["parts", n, k, m, fraction, "dequant/dequant_words/with_outliers/cublas/full/full_words",
+                         f"{deq:.2f}", f"{deqw:.2f}", sc, f"{mm:.2f}", f"{full:.2f}", f"{fullw:.2f}"])
+        del p, pw
 
 
 # GEMV v2 (kernels/gemv_half2.py) candidates: (BN, blocks of 128 columns per step, num_warps)
@@ -394,6 +406,7 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--parts", action="store_true", help="the large-M path's parts timed alone (each shape)")
     ap.add_argument("--dq-blocks", default="", help="--parts: also time dequantize with these blocks per program")
+    ap.add_argument("--dq-half2", default="", help="--parts: also time dequant_half2 at these BNxWARPS configs")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--plot", metavar="CSV")
     ap.add_argument("--note", default="", help="--plot: subtitle (machine, date)")
@@ -408,6 +421,7 @@ def main():
     args.fractions = [float(f) for f in args.fractions.split(",")]
     args.ms = [int(m) for m in args.ms.split(",")]
     args.dq_blocks = [int(b) for b in args.dq_blocks.split(",") if b]
+    args.dq_half2 = [tuple(int(v) for v in c.split("x")) for c in args.dq_half2.split(",") if c]
     if args.plot:
         plot(args.plot, os.path.join(os.path.dirname(__file__), "plots", "kernels_speedup.png"), args.note)
         return

@@ -35,16 +35,22 @@ CANDS = {
     32: [(32, 64, 1, 0, 2), (32, 32, 1, 0, 2), (32, 64, 1, 0), (16, 32, 1, 0, 2)],
     64: [(64, 64, 4, 0, 2), (64, 32, 1, 0, 2), (32, 32, 1, 0, 2), (64, 64, 4, 0), (64, 32, 2, 0, 2)],
 }
+# --wide (session 7): M = 64 / 128 on 4- and 8-warp programs (wgmma, the unpacked tile as register A), the table's
+# provisional entry first, against gemm_swap's table (the planes kernel the dispatch used up to now)
+WIDE = {
+    64: [(64, 128, 8, 0, 2), (64, 128, 4, 0, 2), (64, 64, 4, 0, 2), (64, 128, 8, 2, 2)],
+    128: [(128, 128, 8, 0, 2), (128, 64, 4, 0, 2), (64, 128, 8, 0, 2), (128, 128, 8, 2, 2)],
+}
 
 
 def bucket(m):
-    return 16 if m <= 16 else (32 if m <= 32 else 64)
+    return 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
 
 
 def prepared(n, k, fraction, device, asym, seed=0):
     from quantease.kernels import gemv_half2
 
-    p, _ = kb.make_prepared(n, k, 3, -1, fraction, device=device, seed=seed, asym=asym)
+    p, _ = kb.make_prepared(n, k, 3, -1, fraction, device=device, seed=seed, asym=asym, planes="keep")
     if p.get("words") is None:  # CPU: prepare_weights builds the words on CUDA only
         gemv_half2.add_layout(p)
     return p
@@ -70,7 +76,7 @@ def words_q4(p):
     return dict(p, words=pack_half2(codes, 4), q=4)
 
 
-def check(device, shapes, asym):
+def check(device, shapes, asym, cands=CANDS):
     from quantease.kernels import dequantize_prepared, gemm_half2
 
     bad = 0
@@ -79,8 +85,8 @@ def check(device, shapes, asym):
         p = prepared(n, k, 0.005, device, asym, seed=2)
         w64 = dequantize_prepared(p).double()
         errs = []
-        for m in MS:
-            for cfg in CANDS[bucket(m)]:
+        for m in (MS if cands is CANDS else (64, 65, 128)):
+            for cfg in cands[bucket(m)]:
                 for dtype in (torch.float16, torch.bfloat16):
                     x = torch.randn(m, k, device=device).to(dtype)
                     out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
@@ -133,6 +139,7 @@ def main():
     ap.add_argument("--deadline", type=float, default=400.0, help="seconds after which no new shape is started")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run under TRITON_INTERPRET=1, timers stubbed")
     ap.add_argument("--outliers", action="store_true", help="only the 0.5%%-outlier epilogue variants (table config)")
+    ap.add_argument("--wide", action="store_true", help="only M = 64, 128: the 4- / 8-warp candidates vs gemm_swap")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from quantease.kernels import gemm_half2, gemm_swap, gemv_half2
@@ -146,7 +153,8 @@ def main():
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.outliers:
         return outliers(args, time_kernel, time_fp16, rotate, device, shapes)
-    check(device, shapes[:2], args.asym)
+    cands, ms = (WIDE, (64, 128)) if args.wide else (CANDS, MS)
+    check(device, shapes[:2], args.asym, cands)
     print(f"[{time.time() - t0:.0f}s] weights: {'asymmetric' if args.asym else 'symmetric'}, 3-bit per channel",
           flush=True)
     f = open(os.path.join(args.out, "half2_gemm" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
@@ -160,23 +168,37 @@ def main():
     for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
         # gemm_swap as the dispatch ran it before gemm_half2: uint8 zeros (its 1-warp configs need them, see its doc)
         p0u = [dict(q, zeros=None if q["zeros"] is None else q["zeros"].to(torch.uint8)) for q in p0]
-        for m in MS:
+        for m in ms:
             base = time_fp16(n, k, m, fp16)
             old = time_kernel(p0u, m, lambda x, q, o: gemm_swap.qgemm_swap(x, q, None, o))
             row(n, k, m, 0.0, "fp16", "", base, base)
             row(n, k, m, 0.0, "swap_table", gemm_swap.pick_config(m), old, base)
             res = []
-            for cfg in CANDS[bucket(m)]:
-                us = time_kernel(p0, m, lambda x, q, o, c=cfg: gemm_half2.qgemm_half2(x, q, None, o, c))
+            for cfg in cands[bucket(m)]:
+                try:
+                    us = time_kernel(p0, m, lambda x, q, o, c=cfg: gemm_half2.qgemm_half2(x, q, None, o, c))
+                except Exception as e:  # a config the compiler rejects (shared memory, registers)
+                    print(f"  {cfg} failed: {str(e).splitlines()[0][:100]}", flush=True)
+                    continue
                 res.append((us, cfg))
                 row(n, k, m, 0.0, "half2", cfg, us, base)
             us0, cfg0 = min(res)
             us5 = time_kernel(p5, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o, cfg0))
             row(n, k, m, 0.005, "half2", cfg0, us5, base)
+            swap5 = ""
+            if args.wide:  # gemm_swap with the outliers too (both add them by the ELL launch at BM >= 64)
+                p5u = [dict(q, zeros=None if q["zeros"] is None else q["zeros"].to(torch.uint8)) for q in p5]
+                old5 = time_kernel(p5u, m, lambda x, q, o: gemm_swap.qgemm_swap(x, q, None, o))
+                row(n, k, m, 0.005, "swap_table", gemm_swap.pick_config(m), old5, base)
+                swap5 = f" | swap 0.5% {old5:.1f}"
+                del p5u
             f.flush()
             print(f"| {n}x{k} | {m} | fp16 {base:.1f} | swap {old:.1f} | half2 " + " ".join(f"{u:.1f}" for u, _ in res)
                   + f" | best {cfg0} {us0:.1f} = {base / us0:.2f}x fp16, {old / us0:.2f}x swap | 0.5% {us5:.1f} "
-                  f"({us5 / us0 - 1:+.0%}) |", flush=True)
+                  f"({us5 / us0 - 1:+.0%}){swap5} |", flush=True)
+        if args.wide:
+            del p0u
+            continue
         # the GEMV on both word layouts (same codes), table configs
         for m in (1, 2):
             base = time_fp16(n, k, m, fp16)
@@ -189,7 +211,7 @@ def main():
             print(f"| {n}x{k} | {m} | fp16 {base:.1f} | GEMV Q=4 {q4:.1f} | Q=8 {q8:.1f} ({q8 / q4 - 1:+.1%}) |",
                   flush=True)
         del p0u
-    print("candidates: " + "; ".join(f"{b}: " + ", ".join(f"{i}={c}" for i, c in enumerate(CANDS[b])) for b in CANDS))
+    print("candidates: " + "; ".join(f"{b}: " + ", ".join(f"{i}={c}" for i, c in enumerate(cands[b])) for b in cands))
     print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
 
 

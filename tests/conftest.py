@@ -59,3 +59,10 @@ def make_tiny_llama(path, seed=0, **overrides):
 @pytest.fixture
 def tiny_llama(tmp_path):
     return make_tiny_llama(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def keep_planes(monkeypatch):
+    """For tests that call the plane kernels (or build the words from the planes) directly: on CUDA
+    prepare_weights drops the planes where the Q = 8 half2 words cover every path (prepare.drop_planes)."""
+    monkeypatch.setenv("QUANTEASE_PLANES", "keep")

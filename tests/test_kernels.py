@@ -217,7 +217,7 @@ def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M > ops.SWAP_M
     from quantease.kernels import gemm
 
     w = make_weight(40, 300, bits, group_size, 0.03, sym, 30 + bits)
-    p = prepare_weights(*w, bits, group_size, 300)
+    p = prepare_weights(*w, bits, group_size, 300, planes="keep")
     dense = gemm.dequantize(p, torch.float32)
     no_outliers = (*w[:3], None, None)
     assert torch.equal(dense, layout.dequantize_packed(*no_outliers, bits, group_size, 300))
@@ -249,7 +249,7 @@ def test_dequantize_adds_outliers_duplicates_and_padding(dtype, blocks, k):  # t
     val[::3, 25:] = 0  # padding (value 0) repeating the last index
     idx[::3, 25:] = idx[::3, 24:25]
     idx, val = idx.to(torch.int16).to(DEVICE), val.to(DEVICE)
-    p = prepare_weights(qweight, scales, zeros, idx, val, 3, -1, k)
+    p = prepare_weights(qweight, scales, zeros, idx, val, 3, -1, k, planes="keep")
     dense = layout.dequantize_packed(qweight, scales, zeros, None, None, 3, -1, k)
     want = dense.to(dtype).double().scatter_add(1, idx.long(), val.double())  # dense rounded, outliers added
     got = gemm.dequantize(p, dtype, outliers=True, blocks=blocks).double()
@@ -266,7 +266,7 @@ def test_gemv_partial_last_step(dtype):  # K % 256 == 0 but blocks % blocks-per-
     from quantease.kernels import gemv
 
     w = make_weight(16, 768, 3, -1, 0.01, True, 40)
-    p = prepare_weights(*w, 3, -1, 768)
+    p = prepare_weights(*w, 3, -1, 768, planes="keep")
     x = torch.randn(1, 768).to(dtype).to(DEVICE)
     out = torch.full((1, 16), float("nan"), dtype=dtype, device=DEVICE)
     check(gemv.qgemv(x, p, None, out, config=(16, 2, 4, 3)), reference64(x, w, 3, -1, 768, None), dtype)

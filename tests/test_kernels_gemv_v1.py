@@ -13,6 +13,10 @@ from test_kernels import needs_triton, run_case  # noqa: E402
 from quantease.kernels import gemv, gemv_half2  # noqa: E402
 
 
+pytestmark = pytest.mark.usefixtures("keep_planes")  # plane kernels called directly (conftest.py)
+
+
+
 @needs_triton
 @pytest.mark.parametrize("n,k,group_size,sym,fraction,m,dtype,bias", (
     (33, 96, -1, True, 0.05, 1, torch.float16, True),

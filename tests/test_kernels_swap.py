@@ -14,6 +14,10 @@ from quantease.format import layout
 from quantease.kernels import prepare_weights
 from quantease.kernels import gemm_swap
 
+
+pytestmark = pytest.mark.usefixtures("keep_planes")  # plane kernels called directly (conftest.py)
+
+
 MS = (1, 3, 5, 16, 30, 65, 100, 250)
 SHAPES = ((96, 160), (33, 96), (40, 600), (72, 300))
 GRIDS = ((-1, True), (64, False), (256, True), (-1, False), (32, True))

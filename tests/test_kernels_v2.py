@@ -22,6 +22,10 @@ from quantease.kernels import gemv_half2, prepare_weights, qlinear_prepared  # n
 from quantease.kernels.prepare import codes_from_half2, half2_from_prepared, prepare_half2  # noqa: E402
 
 
+pytestmark = pytest.mark.usefixtures("keep_planes")  # plane kernels called directly (conftest.py)
+
+
+
 def run_v2(n, k, group_size, fraction, sym, m, dtype, bias, seed=0, config=None, prefetch=True):
     w = make_weight(n, k, 3, group_size, fraction, sym, seed)
     g = torch.Generator().manual_seed(seed + 1)

@@ -302,41 +302,49 @@ def dequant_kernel(w_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, N, K, R,
                        group_size, stride_w, stride_p0, stride_p1, stride_s, stride_z, BITS, W0, ZERO, HAS_ZEROS,
                        PER_CHANNEL, ASM, BLOCKS > 1)
     if OUTLIERS:  # the slots of these rows that fall in its columns, added onto the tiles just written (in L2)
-        SPAN: tl.constexpr = BLOCKS * 256
-        lo = tl.program_id(1) * SPAN
-        if ATOMIC:
-            tl.debug_barrier()  # this program's stores before its adds
-        # a row's indices are sorted: the chunks of BR slots that can reach these columns are those whose first
-        # index is below its end and whose last is not below its start in some row.  The bounds of all NCH chunks
-        # come in one load.  Walking all R slots per block instead made M = 256 at 8192x28672 take 619 us (H200;
-        # 370 without outliers), and a load-then-branch per chunk made each program a chain of R / BR round trips
-        c = tl.arange(0, NCH)
-        cmask = mask_n[:, None] & (c[None, :] * BR < R)
-        row = oi_ptr + offs_n[:, None] * stride_oi
-        first = tl.load(row + c[None, :] * BR, mask=cmask, other=K).to(tl.int32)
-        last = tl.load(row + tl.minimum(c[None, :] * BR + BR, R) - 1, mask=cmask, other=-1).to(tl.int32)
-        need = tl.max(((last >= lo) & (first < lo + SPAN)).to(tl.int32), axis=0)  # [NCH]
-        c_lo = tl.min(tl.where(need > 0, c, NCH), axis=0)
-        c_hi = tl.max(tl.where(need > 0, c, -1), axis=0)
-        for cc in range(c_lo, c_hi + 1):
-            r0 = cc * BR
-            if ATOMIC:  # fire-and-forget adds: duplicate indices sum, padding (value 0) is masked
-                offs_r = r0 + tl.arange(0, BR)
-                rmask = mask_n[:, None] & (offs_r[None, :] < R)
-                idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
-                idx = idx.to(tl.int32)
-                val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-                hit = rmask & (val != 0) & (idx >= lo) & (idx < lo + SPAN)
-                tl.atomic_add(w_ptr + offs_n[:, None] * stride_w + idx, val.to(w_ptr.dtype.element_ty),
-                              mask=hit, sem="relaxed")
-            else:  # the CPU interpreter (no 16-bit atomics): a slot column at a time, rows distinct in a step
-                for r in range(r0, tl.minimum(r0 + BR, R)):
-                    idx = tl.load(oi_ptr + offs_n * stride_oi + r, mask=mask_n, other=0).to(tl.int32)
-                    val = tl.load(ov_ptr + offs_n * stride_ov + r, mask=mask_n, other=0.0)
-                    hit = mask_n & (idx >= lo) & (idx < lo + SPAN)
-                    ptrs = w_ptr + offs_n * stride_w + idx
-                    w = tl.load(ptrs, mask=hit, other=0.0).to(tl.float32)
-                    tl.store(ptrs, (w + val.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=hit)
+        add_span_outliers(w_ptr, oi_ptr, ov_ptr, offs_n, mask_n, tl.program_id(1) * BLOCKS * 256, BLOCKS * 256, K, R,
+                          stride_w, stride_oi, stride_ov, BR, NCH, ATOMIC)
+
+
+@triton.jit
+def add_span_outliers(w_ptr, oi_ptr, ov_ptr, offs_n, mask_n, lo, SPAN: tl.constexpr, K, R, stride_w, stride_oi,
+                      stride_ov, BR: tl.constexpr, NCH: tl.constexpr, ATOMIC: tl.constexpr):
+    """w[n, lo .. lo + SPAN] += the outlier slots of rows offs_n that fall in those columns: the dequant kernels'
+    add, onto the tile the program has just written (L2 hits).  ATOMIC: 16-bit atomics (CUDA); else a slot
+    column at a time (the CPU interpreter)."""
+    if ATOMIC:
+        tl.debug_barrier()  # this program's stores before its adds
+    # a row's indices are sorted: the chunks of BR slots that can reach these columns are those whose first
+    # index is below its end and whose last is not below its start in some row.  The bounds of all NCH chunks
+    # come in one load.  Walking all R slots per block instead made M = 256 at 8192x28672 take 619 us (H200;
+    # 370 without outliers), and a load-then-branch per chunk made each program a chain of R / BR round trips
+    c = tl.arange(0, NCH)
+    cmask = mask_n[:, None] & (c[None, :] * BR < R)
+    row = oi_ptr + offs_n[:, None] * stride_oi
+    first = tl.load(row + c[None, :] * BR, mask=cmask, other=K).to(tl.int32)
+    last = tl.load(row + tl.minimum(c[None, :] * BR + BR, R) - 1, mask=cmask, other=-1).to(tl.int32)
+    need = tl.max(((last >= lo) & (first < lo + SPAN)).to(tl.int32), axis=0)  # [NCH]
+    c_lo = tl.min(tl.where(need > 0, c, NCH), axis=0)
+    c_hi = tl.max(tl.where(need > 0, c, -1), axis=0)
+    for cc in range(c_lo, c_hi + 1):
+        r0 = cc * BR
+        if ATOMIC:  # fire-and-forget adds: duplicate indices sum, padding (value 0) is masked
+            offs_r = r0 + tl.arange(0, BR)
+            rmask = mask_n[:, None] & (offs_r[None, :] < R)
+            idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
+            idx = idx.to(tl.int32)
+            val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+            hit = rmask & (val != 0) & (idx >= lo) & (idx < lo + SPAN)
+            tl.atomic_add(w_ptr + offs_n[:, None] * stride_w + idx, val.to(w_ptr.dtype.element_ty),
+                          mask=hit, sem="relaxed")
+        else:  # the CPU interpreter (no 16-bit atomics): a slot column at a time, rows distinct in a step
+            for r in range(r0, tl.minimum(r0 + BR, R)):
+                idx = tl.load(oi_ptr + offs_n * stride_oi + r, mask=mask_n, other=0).to(tl.int32)
+                val = tl.load(ov_ptr + offs_n * stride_ov + r, mask=mask_n, other=0.0)
+                hit = mask_n & (idx >= lo) & (idx < lo + SPAN)
+                ptrs = w_ptr + offs_n * stride_w + idx
+                w = tl.load(ptrs, mask=hit, other=0.0).to(tl.float32)
+                tl.store(ptrs, (w + val.to(tl.float32)).to(w_ptr.dtype.element_ty), mask=hit)
 
 
 def dequantize(p, dtype, outliers=False, blocks=None):
@@ -367,7 +375,12 @@ def dequant_matmul(x, p, bias, out):
     gathers: +21-55% at M = 256 on the H200 in session 4, +6-22% now (results/kernels_h200.md), and vLLM's prefill
     went from 0.59x to 0.93x fp16.  The outlier lands on the weight rounded to x's dtype: one more rounding of those
     few elements."""
-    w = dequantize(p, x.dtype, outliers=True)
+    if p.get("plane0") is None:  # the half2 words alone (prepare.drop_planes)
+        from quantease.kernels.dequant_half2 import dequantize_half2
+
+        w = dequantize_half2(p, x.dtype)
+    else:
+        w = dequantize(p, x.dtype, outliers=True)
     if bias is not None:
         torch.addmm(bias.to(out.dtype), x, w.t(), out=out)
     else:

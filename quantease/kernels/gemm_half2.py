@@ -31,6 +31,7 @@ import triton.language as tl
 
 from quantease.errors import QuantEaseError
 from quantease.kernels import gemm_swap
+from quantease.kernels.outliers import ell_add
 from quantease.kernels.prepare import half2_words_per_role
 
 Q = 8  # words per role per 256-column block: the layout this kernel reads
@@ -43,8 +44,15 @@ Q = 8  # words per role per 256-column block: the layout this kernel reads
 CONFIGS = {
     16: (16, 64, 1, 0, 2),
     32: (32, 64, 1, 0, 2),
+    # M = 33-128 with 4 / 8 warps: the dot is a wgmma with the unpacked tile as its register A operand (sm_90 AOT:
+    # 656 loop instructions per 32 x 256 weights per warp at (64, 128, 4), 2 HGMMA per slot, x^T by descriptor);
+    # session 6 timed (64, 64, 4): 64.0 / 170.1 / 213.9 us vs gemm_swap's 54.9 / 186.1 / 196.9 at M = 64 (8192^2,
+    # 8192x28672, 28672x8192).  Provisional, to be timed against gemm_swap (benchmarks/kernels_half2.py --wide)
+    64: (64, 128, 8, 0, 2),
+    128: (128, 128, 8, 0, 2),
 }
-SPLIT_TARGET = 2048
+SPLIT_TARGET = 2048  # programs wanted for 1-warp configs (~16 warps per SM)
+SPLIT_TARGET_WARPS = 512  # for 4- / 8-warp configs (gemm_swap.SPLIT_TARGET_REGA)
 MAX_M = max(CONFIGS)
 # M = 2 too: ahead of the half2 GEMV at M = 2 (same call, asymmetric): 8192^2 17.8 vs 19.5 us, 28672x8192 52.3 vs
 # 79.8, 8192x28672 44.9 vs 55.9, 4096^2 8.2 vs 8.0
@@ -232,11 +240,13 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     pipe = cfg[4] if len(cfg) > 4 else None
     br = cfg[5] if len(cfg) > 5 else None
     if split == 0:
-        split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET)
+        split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET if warps == 1 else SPLIT_TARGET_WARPS)
     split, bps = gemm_swap.split_blocks(k, split)
     words = p["words"].view(torch.int16)
     zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
-    r = oi.shape[1] if oi is not None else 0
+    # outliers in the epilogue up to gemm_swap.FUSED_MAX_BM rows per tile, else the ELL launch after the GEMM
+    fused = oi is not None and (bm <= gemm_swap.FUSED_MAX_BM or outliers_only)
+    r = oi.shape[1] if fused else 0
     xt, sxt, sxtm = gemm_swap.epilogue_x(x, n, r, gather_x)
     if split > 1:
         out.zero_()
@@ -254,4 +264,6 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split > 1, ATOMIC=x.is_cuda,
         BM=bm, BN=bn, BR=br, PIPE=pipe,
         num_warps=warps, num_stages=1)
+    if oi is not None and not fused:
+        ell_add(x, oi, ov, out)
     return out

@@ -110,6 +110,8 @@ def add_layout(p):
     (seen by vLLM's memory profiling, never built inside a CUDA-graph capture).  Where the words are at Q = 8
     (per channel, groups of a multiple of 256) the batched-decode GEMM (gemm_half2.py) reads them too, and the
     zeros become int16 (that kernel's requirement; every other kernel loads either).  Returns p."""
+    if p.get("words") is not None:  # already there (prepare_weights on CUDA); the planes may be gone
+        return p
     p["words"] = half2_from_prepared(p)["words"] if half2_supported(p["bits"], p["group_size"]) else None
     if p["words"] is not None and half2_words_per_role(p["group_size"]) == 8 and p["zeros"] is not None:
         p["zeros"] = p["zeros"].to(torch.int16)  # gemm_half2 reads the same words; it needs 16-bit zeros

@@ -5,8 +5,8 @@ How runtimes call it (vLLM process_weights_after_loading / transformers post-loa
     p = prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)  # once
     y = qlinear_prepared(x, p, bias)                                                                       # per call
 
-  p is a plain dict: tensors plane0, plane1, scales, zeros, outlier_idx, outlier_val (any may be None except
-  plane0/scales) and ints bits, group_size, in_features, out_features.  Keep the tensors on the module
+  p is a plain dict: tensors plane0, plane1, scales, zeros, outlier_idx, outlier_val, words (any may be None
+  except scales, and plane0 or words) and ints bits, group_size, in_features, out_features.  Keep the tensors on the module
   (e.g. as buffers) and rebuild the dict, or keep the dict itself.  qlinear_prepared goes through the
   custom op torch.ops.quantease.qlinear (with a fake impl), so it is safe under torch.compile and CUDA-graph
   capture: no allocation besides the output, no autotuning, configs picked from a table by M.
@@ -17,13 +17,15 @@ How runtimes call it (vLLM process_weights_after_loading / transformers post-loa
 
 Backend: "auto" (CUDA tensors -> Triton, CPU -> torch reference), "triton" (also CPU tensors when
 TRITON_INTERPRET=1: that is how CI tests the kernels), "torch".  Pass backend= or set QUANTEASE_KERNEL_BACKEND.
-Triton path: M = 2..32 on the half2-word GEMM (kernels/gemm_half2.py: mma.sync from one warp, two weights per
-LOP3) where its layout is there (3-bit, per channel or groups of a multiple of 256, fp16/bf16 x: p["words"] at Q = 8,
-built by prepare_weights on CUDA); GEMV (kernels/gemv.py) for the rest of M <= GEMV_MAX_M rows; swap-AB tensor-core
-GEMM (kernels/gemm_swap.py) up to SWAP_MAX_M rows; above that (CUDA only) dequantize to a dense weight for this call
-+ cuBLAS.  The outliers are fused in the GEMV and the GEMMs' epilogues (small tiles), else a second launch
-(kernels/outliers.py); the dequant path adds them to its dense weight in the dequant kernel (N x R adds instead of
-M x N x R).
+Triton path: M = 2..gemm_half2.MAX_M on the half2-word GEMM (kernels/gemm_half2.py: swap-AB, two weights per
+LOP3; mma.sync from one warp up to M = 32, wgmma with the unpacked tile as register A above) where its layout is there
+(3-bit, per channel or groups of a multiple of 256, fp16/bf16 x: p["words"] at Q = 8, built by prepare_weights on
+CUDA, which then drops the bit planes); GEMV for the rest of M <= GEMV_MAX_M rows; where the planes were dropped,
+everything else (larger M, fp32 x) dequantizes the words to a dense weight for the call (kernels/dequant_half2.py)
++ cuBLAS.  With the planes (other grids, 2 / 4 bits, CPU tensors): the swap-AB GEMM on them (kernels/gemm_swap.py)
+up to SWAP_MAX_M rows, above that (CUDA only) their dequant + cuBLAS.  The outliers are fused in the GEMV and the
+GEMMs' epilogues (small tiles), else a second launch (kernels/outliers.py); the dequant paths add them to the dense
+weight in the dequant kernel (N x R adds instead of M x N x R).
 kernels/gemm.py (the v3 fused GEMM) stays as the dequant kernel's home and a reference point in the benchmarks.
 GEMV variant: the GEMV rows go to kernels/gemv_half2.py (two weights per logic op; 1.08-1.67x faster than v1 at
 M = 1 on the H100 sweep, results/kernels_gemv.md) where it applies (3-bit, per channel or groups of a multiple of
@@ -36,7 +38,7 @@ from typing import Optional
 import torch
 
 from quantease.errors import QuantEaseError
-from quantease.kernels.prepare import dequantize_prepared, prepare_weights
+from quantease.kernels.prepare import dequantize_prepared, prepare_weights, weight_anchor
 
 BACKEND_ENV = "QUANTEASE_KERNEL_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
@@ -78,15 +80,15 @@ def _forward(x2d, p, bias, backend, out=None):
     if m == 0:
         return out
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    from quantease.kernels import gemm_half2
+    from quantease.kernels import gemm_half2, gemv_half2
 
     if gemm_half2.MIN_M <= m <= gemm_half2.MAX_M and gemm_half2.supports(p, x2d):
         return gemm_half2.qgemm_half2(x2d, p, bias, out)
+    if m <= GEMV_MAX_M and gemv_half2.selected() == "half2" and gemv_half2.supports(p, x2d):
+        return gemv_half2.qgemv_half2(x2d, gemv_half2.cached_layout(p), bias, out)
+    if p.get("plane0") is None:  # the half2 words alone (prepare.drop_planes): M > gemm_half2.MAX_M, or fp32 x
+        return gemm.dequant_matmul(x2d, p, bias, out)
     if m <= GEMV_MAX_M:
-        from quantease.kernels import gemv_half2
-
-        if gemv_half2.selected() == "half2" and gemv_half2.supports(p, x2d):
-            return gemv_half2.qgemv_half2(x2d, gemv_half2.cached_layout(p), bias, out)
         return gemv.qgemv(x2d, p, bias, out)
     if m <= SWAP_MAX_M or not x2d.is_cuda:
         from quantease.kernels import gemm_swap
@@ -100,8 +102,8 @@ def _check_x(x, p, bias):
         raise QuantEaseError(f"qlinear takes float16/bfloat16/float32 activations, got {x.dtype}")
     if x.shape[-1] != p["in_features"]:
         raise QuantEaseError(f"x has {x.shape[-1]} input features, the layer has {p['in_features']}")
-    if x.device != p["plane0"].device:
-        raise QuantEaseError(f"x is on {x.device} but the weights are on {p['plane0'].device}")
+    if x.device != p["scales"].device:
+        raise QuantEaseError(f"x is on {x.device} but the weights are on {p['scales'].device}")
     if bias is not None and tuple(bias.shape) != (p["out_features"],):
         raise QuantEaseError(f"bias shape {tuple(bias.shape)} != ({p['out_features']},)")
 
@@ -109,11 +111,11 @@ def _check_x(x, p, bias):
 def _as_dict(plane0, plane1, scales, zeros, outlier_idx, outlier_val, words, bits, group_size, in_features):
     return dict(plane0=plane0, plane1=plane1, scales=scales, zeros=zeros, outlier_idx=outlier_idx,
                 outlier_val=outlier_val, words=words, bits=bits, group_size=group_size, in_features=in_features,
-                out_features=plane0.shape[0])
+                out_features=scales.shape[0])
 
 
 @torch.library.custom_op("quantease::qlinear", mutates_args=())
-def qlinear_op(x: torch.Tensor, plane0: torch.Tensor, plane1: Optional[torch.Tensor], scales: torch.Tensor,
+def qlinear_op(x: torch.Tensor, plane0: Optional[torch.Tensor], plane1: Optional[torch.Tensor], scales: torch.Tensor,
                zeros: Optional[torch.Tensor], outlier_idx: Optional[torch.Tensor],
                outlier_val: Optional[torch.Tensor], words: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                bits: int, group_size: int, in_features: int) -> torch.Tensor:
@@ -125,7 +127,7 @@ def qlinear_op(x: torch.Tensor, plane0: torch.Tensor, plane1: Optional[torch.Ten
 
 @qlinear_op.register_fake
 def _(x, plane0, plane1, scales, zeros, outlier_idx, outlier_val, words, bias, bits, group_size, in_features):
-    return x.new_empty(*x.shape[:-1], plane0.shape[0])
+    return x.new_empty(*x.shape[:-1], scales.shape[0])
 
 
 def qlinear_prepared(x, prepared, bias=None, backend=None, out=None):
@@ -161,7 +163,7 @@ def _dense_weight(p):
     step on SmolLM2-135M. QUANTEASE_CPU_CACHE=0 keeps only the packed weight and dequantizes on every call."""
     if os.environ.get(CPU_CACHE_ENV, "1") == "0":
         return dequantize_prepared(p)
-    return _cached(p["plane0"], "_quantease_dense", [p.get(t) for t in TENSORS], lambda: dequantize_prepared(p))
+    return _cached(weight_anchor(p), "_quantease_dense", [p.get(t) for t in TENSORS], lambda: dequantize_prepared(p))
 
 
 def _cached_prepare(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):

@@ -13,7 +13,13 @@ interleaved so that one shift amount serves a whole row of words and the matchin
 
 Scales stay fp16 [N, G], zeros stay uint8 [N, G] (or None: symmetric), outliers stay ELL (int16/int32 idx,
 fp16 val).  Bytes are the checkpoint's, plus < 256 columns of padding per row.
+
+On CUDA the half2 words (below) are built too, and where they are at Q = 8 (3-bit, per channel or groups of a
+multiple of 256) every kernel reads them, so the planes are dropped (drop_planes; planes="keep" or
+$QUANTEASE_PLANES=keep keeps both): 3 bits per weight in memory instead of 6.
 """
+import os
+
 import torch
 
 from quantease.errors import QuantEaseError
@@ -71,15 +77,32 @@ def _pack_block_planes(codes, bits):
     return plane0.view(n, -1), plane1
 
 
-def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features):
+PLANES_ENV = "QUANTEASE_PLANES"  # "drop" (default) / "keep": see prepare_weights
+PLANES_CHOICES = ("drop", "keep")
+
+
+def keep_planes(planes=None):
+    """prepare_weights' planes argument, or $QUANTEASE_PLANES, as a bool (True: keep the bit planes beside the
+    half2 words)."""
+    name = planes or os.environ.get(PLANES_ENV, "drop") or "drop"
+    if name not in PLANES_CHOICES:
+        raise QuantEaseError(f"planes={name!r} (argument or ${PLANES_ENV}) is not one of {PLANES_CHOICES}")
+    return name == "keep"
+
+
+def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features, planes=None):
     """Checkpoint tensors -> dict the kernels read (qlinear_prepared).  Call once at load time.
 
-    Keys: plane0, plane1 (None unless 3-bit), scales, zeros (None if symmetric), outlier_idx, outlier_val
-    (None if no outliers or R == 0), words (the half2 GEMV's layout; only on CUDA when that GEMV is selected, and
-    None where it does not apply), bits, group_size, in_features, out_features.  The words are built here, at load time,
-    so that runtimes keep them beside the planes (vLLM's memory profiling sees them; nothing is built during
-    CUDA-graph capture); they cost 3 more bits per weight while the M >= 3 kernels still read the planes."""
+    Keys: plane0, plane1 (the bit planes; plane1 None unless 3-bit), scales, zeros (None if symmetric),
+    outlier_idx, outlier_val (None if no outliers or R == 0), words (the half2 layout; only on CUDA when the half2
+    GEMV is selected, and None where it does not apply), bits, group_size, in_features, out_features.  The words are
+    built here, at load time, so that runtimes keep them as a buffer (vLLM's memory profiling sees them; nothing is
+    built during CUDA-graph capture).  Where the words are at Q = 8 (3-bit, per channel or groups of a multiple of
+    256 columns) every CUDA kernel has a path on them (GEMV, gemm_half2, dequant_half2 + cuBLAS), so the planes are
+    dropped (plane0 = plane1 = None: 3 bits per weight instead of 6) unless planes="keep" (or $QUANTEASE_PLANES=keep:
+    benchmarks that time the plane kernels)."""
     _check(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
+    keep = keep_planes(planes)
     n = qweight.shape[0]
     kb = (in_features + BLOCK - 1) // BLOCK * BLOCK
     codes = torch.zeros(n, kb, dtype=torch.uint8, device=qweight.device)
@@ -99,7 +122,21 @@ def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, grou
 
         if gemv_half2.selected() == "half2":
             gemv_half2.add_layout(p)
+            if not keep:
+                drop_planes(p)
     return p
+
+
+def drop_planes(p):
+    """p without its bit planes where its half2 words are at Q = 8 (every kernel path has them); returns p."""
+    if p.get("words") is not None and p["bits"] == 3 and half2_words_per_role(p["group_size"]) == 8:
+        p["plane0"] = p["plane1"] = None
+    return p
+
+
+def weight_anchor(p):
+    """A tensor of p that lives exactly as long as the layer's codes (caches are kept on it)."""
+    return p["plane0"] if p.get("plane0") is not None else p["words"]
 
 
 def codes_from_planes(plane0, plane1, bits, k):
@@ -122,7 +159,10 @@ def codes_from_planes(plane0, plane1, bits, k):
 def dequantize_prepared(p, dtype=torch.float32):
     """Prepared dict -> dense weight [N, K] (float32 math, same as layout.dequantize_packed)."""
     k, bits, group_size = p["in_features"], p["bits"], p["group_size"]
-    codes = codes_from_planes(p["plane0"], p["plane1"], bits, k).to(torch.float32)
+    if p.get("plane0") is None:  # the half2 words alone (drop_planes)
+        codes = codes_from_half2(p["words"], half2_words_per_role(group_size), k).to(torch.float32)
+    else:
+        codes = codes_from_planes(p["plane0"], p["plane1"], bits, k).to(torch.float32)
     g = k if group_size == -1 else group_size
     cols = torch.arange(k, device=codes.device) // g
     s = p["scales"].to(torch.float32)[:, cols]
