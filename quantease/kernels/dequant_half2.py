@@ -18,9 +18,12 @@ from quantease.kernels.gemm import add_span_outliers
 from quantease.kernels.prepare import half2_words_per_role
 
 Q = 8
-# (BN rows, num_warps) per program; one 256-column block per program.  Not yet timed on a GPU (the planes' dequant,
-# gemm.dequantize: BN 32, 4 warps, 2.8 TB/s at 8192^2 on the H200)
-CONFIG = (64, 4)
+# (BN rows, num_warps) per program; one 256-column block per program.  H200, session 7 (kernels.py --parts, M = 256
+# shapes 8192^2 / 28672x8192 / 8192x28672, 0.5% outliers): (32, 4) 66.3 / 226.5 / 273.3 us, the planes' dequant
+# 63.8 / 227.5 / 273.7; (64, 4) 80.3 / 271.0 / 322.7; (64, 8) 71.5 / 245.5 / 288.6; (128, 4) 88.2 / 318.4 / 378.8
+# (more rows per program: a longer outlier-chunk search per program).  No outliers: (32, 4) 58.9 / 210.9 / 205.8,
+# the planes 57.5 / 218.4 / 220.3
+CONFIG = (32, 4)
 BR = 16  # outlier slots per chunk (gemm.DQ_BR)
 
 

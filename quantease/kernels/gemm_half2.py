@@ -1,4 +1,4 @@
-"""GEMM v6 (batched decode, M = 2..32): swap-AB on the half2 words, one warp per program, two weights per LOP3.
+"""GEMM v6 (batched decode, M = 2..128): swap-AB on the half2 words, two weights per LOP3.
 
 Reads the half2 layout of kernels/prepare.py with Q = 8 words per role (per channel, or groups of a multiple of
 256 columns): for role r and code slot j (0..4) the 8 role words of a 256-column block hold the column pairs
@@ -11,8 +11,9 @@ holds (two consecutive k of a row).  So for every slot s of every block:
                                                                per TWO weights, straight into the A fragment
     acc [BN, BM] += tl.dot(c_s [BN, 16], x^T [16, BM])          x^T = x[:, 256 b + 16 s ..+ 16] (L2 reads)
 
-A dot in a 1-warp program is mma.sync (HMMA.16816), the operands in registers: the role tiles take one pass
-through shared memory per block (ldmatrix into the fragment layout), and so do the x^T tiles.  sm_90 AOT (triton
+A dot in a 1-warp program (M <= 32) is mma.sync (HMMA.16816), the operands in registers: the role tiles take one
+pass through shared memory per block (ldmatrix into the fragment layout), and so do the x^T tiles.  With 4 or 8
+warps (M = 33..128) it is a wgmma whose A operand is the unpacked tile in registers (x^T from shared memory).  sm_90 AOT (triton
 3.6), K loop per 256-column block at BN = 32: 607 instructions for 8192 weights, against 1345 for gemm_swap.py's
 1-warp loop on the bit planes (its unpack is 2 LOP3 + FADD + half an F2FP per weight).  The loop is
 software-pipelined (PIPE 2, triton's pipeliner: the next block's role tiles and 16 x tiles as cp.async copies, one
@@ -40,16 +41,17 @@ Q = 8  # words per role per 256-column block: the layout this kernel reads
 # loop (PIPE 2: the next block's words and x tiles by cp.async, one wait per block) against the plain one (a chain of
 # 16 x-tile L2 round trips per block, each behind the previous slot's barrier) at 8192^2 M = 2 / 16: (16, 64) 17.8 /
 # 23.2 vs 27.2 / 31.5 us; BN 32 20.5 / 33.1, BN 16 31.4 / 57.7, PIPE 3 (BN 32) 22.7 / 39.4; M = 32 (32, 64) 31.9 us.
-# M > 32 stays on gemm_swap (M = 64: its 8-warp register-A loop 54.9 us vs 64.0 here, 8192^2).
 CONFIGS = {
     16: (16, 64, 1, 0, 2),
     32: (32, 64, 1, 0, 2),
     # M = 33-128 with 4 / 8 warps: the dot is a wgmma with the unpacked tile as its register A operand (sm_90 AOT:
-    # 656 loop instructions per 32 x 256 weights per warp at (64, 128, 4), 2 HGMMA per slot, x^T by descriptor);
-    # session 6 timed (64, 64, 4): 64.0 / 170.1 / 213.9 us vs gemm_swap's 54.9 / 186.1 / 196.9 at M = 64 (8192^2,
-    # 8192x28672, 28672x8192).  Provisional, to be timed against gemm_swap (benchmarks/kernels_half2.py --wide)
-    64: (64, 128, 8, 0, 2),
-    128: (128, 128, 8, 0, 2),
+    # 656 loop instructions per 32 x 256 weights per warp at (64, 128, 4), 2 HGMMA per slot, x^T by descriptor).
+    # H200, session 7 (kernels_half2.py --wide --asym; 4096^2 / 8192^2 / 28672x8192 / 8192x28672), against
+    # gemm_swap's table on the planes: M = 64 13.5 / 40.0 / 128.4 / 101.5 us vs 17.2 / 54.7 / 198.1 / 187.8
+    # ((64, 128, 8) 13.9 / 38.8 / 126.8 / 109.8; (64, 64, 4) 20.0 / 60.6 / 216.0 / 180.5); M = 128 (two 64-row
+    # tiles) 22.4 / 62.4 / 228.2 / 202.1 vs 26.7 / 88.2 / 328.8 / 284.8 ((128, 128, 8) 25.0 / 76.1 / 223.8 / 213.2)
+    64: (64, 128, 4, 0, 2),
+    128: (64, 128, 8, 0, 2),
 }
 SPLIT_TARGET = 2048  # programs wanted for 1-warp configs (~16 warps per SM)
 SPLIT_TARGET_WARPS = 512  # for 4- / 8-warp configs (gemm_swap.SPLIT_TARGET_REGA)
