@@ -102,7 +102,8 @@ def test_dispatch_takes_it_for_batched_decode(monkeypatch):
 
     def one(m, group_size=-1, words=True, k=600):
         w = make_weight(24, k, 3, group_size, 0.02, False, m)
-        p = prepare_weights(*w, 3, group_size, k)  # on CUDA with the words already (add_layout)
+        # on CUDA prepare_weights adds the words itself (and drops the planes where they are at Q = 8)
+        p = prepare_weights(*w, 3, group_size, k, planes=None if words else "keep")
         p = gemv_half2.add_layout(p) if words else dict(p, words=None)
         x = torch.randn(m, k).half().to(DEVICE)
         out = torch.full((m, 24), float("nan"), dtype=torch.float16, device=DEVICE)
@@ -111,7 +112,7 @@ def test_dispatch_takes_it_for_batched_decode(monkeypatch):
         return len(calls)
 
     assert one(gemm_half2.MIN_M) == 1 and one(16) == 2 and one(gemm_half2.MAX_M) == 3
-    assert one(1) == 3 and one(gemm_half2.MAX_M + 1) == 3  # GEMV; gemm_swap
+    assert one(1) == 3 and one(gemm_half2.MAX_M + 1) == 3  # GEMV; gemm_swap (CPU) / dequant + cuBLAS (CUDA)
     assert one(16, group_size=128, k=512) == 3 and one(2, group_size=128, k=512) == 3  # Q = 4 words: not its layout
     assert one(16, words=False) == 3  # planes only
 
