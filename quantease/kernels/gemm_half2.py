@@ -239,9 +239,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     n = p["out_features"]
     cfg = tuple(config or pick_config(m))
     bm, bn, warps, split = cfg[:4]
-    # outliers_only: a plain loop of zero trips (a zero-trip software-pipelined loop gave wrong sums on the H200:
-    # tests/test_kernels_gemm_half2.py::test_outliers_only, session 7; production splits are never empty)
-    pipe = cfg[4] if len(cfg) > 4 and not outliers_only else None
+    pipe = cfg[4] if len(cfg) > 4 else None
     br = cfg[5] if len(cfg) > 5 else None
     if split == 0:
         split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET if warps == 1 else SPLIT_TARGET_WARPS)
