@@ -102,11 +102,24 @@ def check(device, shapes, asym, cands=CANDS):
     print(f"check: {'all pass' if not bad else f'{bad} FAILED'}", flush=True)
 
 
+def agree(p, m, ref_cfg, cfg, name):
+    """gemm_half2 at cfg gives the table config's result (fp16 x, relative 1e-3: split-K atomics differ in order)."""
+    from quantease.kernels import gemm_half2
+
+    x = torch.randn(m, p["in_features"], device=p["scales"].device).half()
+    y0 = gemm_half2.qgemm_half2(x, p, None, torch.empty(m, p["out_features"], device=x.device).half(), ref_cfg)
+    y = gemm_half2.qgemm_half2(x, p, None, torch.full_like(y0, float("nan")), cfg)
+    err = ((y.double() - y0.double()).norm() / y0.double().norm()).item()
+    if not (err < 1e-3):
+        print(f"  MISMATCH {name} {cfg} M={m}: relative {err:.1e} to the table config", flush=True)
+
+
 def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
-    """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR slots per step, x
-    gathered from x itself or from an x^T copy (default: pick_gather_x), and the epilogue alone (the K loop
-    skipped: launch, x^T copy, zeroing, outlier adds, atomics).  Session 6 calls 4 and 6 timed more
-    (the split's slots prefetched into L2 first; steps unrolled, in commit c31b07b; results/kernels_half2.md)."""
+    """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR 4 slots per step,
+    OS = 1 / 2 / 4 outlier-only programs per weight tile beside the K splits (scheduled first), and the epilogue
+    alone (the K loop skipped: launch, x^T copy, zeroing, outlier adds, atomics).  Session 6 calls 4 and 6 and
+    session 7 call 1 timed more (BR 2, x^T copy or gather from x forced, the split's slots prefetched into L2
+    first, steps unrolled in commit c31b07b; results/kernels_half2.md)."""
     from quantease.kernels import gemm_half2
 
     f = open(os.path.join(args.out, "half2_outliers" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
@@ -120,9 +133,14 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
             us0 = time_kernel(p0, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
             w.writerow([n, k, m, 0.0, "half2", str(tab), f"{us0:.2f}", f"{base:.2f}", f"{base / us0:.3f}"])
             cells = []
-            for name, cfg, gx, only in (("table", tab, None, False), ("br2", tab[:5] + (2,), None, False),
-                                        ("br4", tab[:5] + (4,), None, False), ("x_t", tab, False, False),
-                                        ("gather_x", tab, True, False), ("epilogue_alone", tab, None, True)):
+            for name, cfg, gx, only in (("table", tab, None, False), ("br4", tab[:5] + (4,), None, False),
+                                        ("os1", tab[:5] + (None, 1), None, False),
+                                        ("os2", tab[:5] + (None, 2), None, False),
+                                        ("os4", tab[:5] + (None, 4), None, False),
+                                        ("os2_br4", tab[:5] + (4, 2), None, False),
+                                        ("epilogue_alone", tab, None, True)):
+                if not only:  # same sums as the table config (split-K atomics: not bit-equal)
+                    agree(p5[0], m, tab, cfg, name)
                 us = time_kernel(p5, m, lambda x, q, o, c=cfg, g=gx, e=only: gemm_half2.qgemm_half2(
                     x, q, None, o, c, gather_x=g, outliers_only=e))
                 w.writerow([n, k, m, 0.005, "half2_" + name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])

@@ -168,8 +168,11 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
                        stride_ov,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
-                       ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr):
-    # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel
+                       ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
+                       OS: tl.constexpr):
+    # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel.  OS > 0: axis-1 programs
+    # 0 .. OS - 1 of each tile add only the outliers (a share of the slots each, no K blocks), the others are the K
+    # splits; OS = 0: every split adds a share in its epilogue
     offs_m, mask_m, offs_n, mask_n, split = gemm_swap.tile_offsets(M, N, BM, BN)
     q = tl.arange(0, 16)
     rows = w_ptr + offs_n[:, None] * stride_w + q[None, :]  # int16 view: 48 per row per block, role r at 16 r
@@ -180,8 +183,10 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
         z = tl.full((BN,), ZERO, tl.int32)
     s0, s3, s6 = _subs(z, BF16)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    blk0 = split * blocks_per_split
+    blk0 = (split - OS) * blocks_per_split
     blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
+    if OS > 0:
+        blk1 = tl.where(split < OS, blk0, blk1)  # the outlier programs: no K blocks
     for blk in tl.range(blk0, blk1, num_stages=PIPE):
         r0 = tl.load(rows + blk * 48, mask=mask_n[:, None], other=0)  # the three role tiles (0 past N)
         r1 = tl.load(rows + blk * 48 + 16, mask=mask_n[:, None], other=0)
@@ -219,16 +224,21 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
         if split == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     if OUTLIERS:
-        acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
-                                     stride_xt, stride_xtm, stride_oi, stride_ov, BR)
+        if OS == 0:
+            acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
+                                         stride_xt, stride_xtm, stride_oi, stride_ov, BR)
+        elif split < OS:
+            acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
+                                         stride_xt, stride_xtm, stride_oi, stride_ov, BR, OS)
     gemm_swap.store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
 
 
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
-    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR]]) overrides the table (SPLIT_K 0: auto;
-    PIPE: the K loop software-pipelined that deep, None / 1: plain loads; BR: outlier slots per epilogue step,
-    0 / None: from gemm_swap.BR_ELEMS).  outliers_only (benchmarks: the epilogue's cost alone): skip the K loop,
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS]]]) overrides the table (SPLIT_K 0:
+    auto; PIPE: the K loop software-pipelined that deep, None / 1: plain loads; BR: outlier slots per epilogue step,
+    0 / None: from gemm_swap.BR_ELEMS; OS: programs per weight tile that add only the outliers, scheduled first,
+    beside the SPLIT_K ones, 0 / None: the outliers in the K splits' epilogues).  outliers_only (benchmarks: the epilogue's cost alone): skip the K loop,
     out = x @ H^T (+ bias) only."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
@@ -241,6 +251,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     bm, bn, warps, split = cfg[:4]
     pipe = cfg[4] if len(cfg) > 4 else None
     br = cfg[5] if len(cfg) > 5 else None
+    os_ = (cfg[6] if len(cfg) > 6 else 0) or 0
     if split == 0:
         split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET if warps == 1 else SPLIT_TARGET_WARPS)
     split, bps = gemm_swap.split_blocks(k, split)
@@ -249,11 +260,12 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     # outliers in the epilogue up to gemm_swap.FUSED_MAX_BM rows per tile, else the ELL launch after the GEMM
     fused = oi is not None and (bm <= gemm_swap.FUSED_MAX_BM or outliers_only)
     r = oi.shape[1] if fused else 0
+    os_ = os_ if r > 0 and not outliers_only else 0
     xt, sxt, sxtm = gemm_swap.epilogue_x(x, n, r, gather_x)
-    if split > 1:
+    if split + os_ > 1:
         out.zero_()
     br = br or gemm_swap.epilogue_br(warps, bm, bn)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), os_ + split)
     qgemm_half2_kernel[grid](
         x, xt, out, words, p["scales"], zeros if zeros is not None else p["scales"],
         bias if bias is not None else p["scales"], oi if oi is not None else words,
@@ -263,8 +275,8 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         zeros.stride(0) if zeros is not None else 0, oi.stride(0) if oi is not None else 0,
         ov.stride(0) if ov is not None else 0,
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
-        HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split > 1, ATOMIC=x.is_cuda,
-        BM=bm, BN=bn, BR=br, PIPE=pipe,
+        HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split + os_ > 1, ATOMIC=x.is_cuda,
+        BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_,
         num_warps=warps, num_stages=1)
     if oi is not None and not fused:
         ell_add(x, oi, ov, out)

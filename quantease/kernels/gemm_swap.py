@@ -290,9 +290,10 @@ def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt, stride_xtm,
-                 stride_oi, stride_ov, BR: tl.constexpr):
-    """acc [BN, BM] += val[n, r] * x^T[idx[n, r], :], BR slots at a time; split s of S takes slots s R / S .."""
-    rps = tl.cdiv(R, tl.num_programs(1))
+                 stride_oi, stride_ov, BR: tl.constexpr, parts=None):
+    """acc [BN, BM] += val[n, r] * x^T[idx[n, r], :], BR slots at a time; part `split` of `parts` (default: the
+    grid's splits) takes slots split R / parts .."""
+    rps = tl.cdiv(R, tl.num_programs(1) if parts is None else parts)
     r_hi = min(split * rps + rps, R)
     for r0 in range(split * rps, r_hi, BR):
         offs_r = r0 + tl.arange(0, BR)
