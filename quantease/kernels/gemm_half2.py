@@ -62,7 +62,12 @@ MIN_M = 2
 # The outlier epilogue is gemm_swap.add_outliers (a loop of BR-slot steps).  H200, session 6, 0.5% outliers (the loop:
 # +23-56% over 0%; kernels_half2.md): the split's slots prefetched into L2 first -2..+9 points, 2 / 4 slots per step
 # -18..+19 / -24..+12 (4 wins at K = 28672 only), 2 / 3 / 4 steps unrolled per iteration 0..+25 / -3..+5 / +1..+17
-# (the unrolled epilogue is in commit c31b07b; the L2 prefetch was not committed)
+# (the unrolled epilogue is in commit c31b07b; the L2 prefetch was not committed).  Session 7 (call 6): OS outlier-only
+# programs per tile (config element 7) -- OS 1 / 2 / 4: worse at 8192^2 (+67..+113 / +36..+58 / +30..+67% vs the
+# table's +25..+37%) and at K = 28672 (OS 1 +118..+353%: each program walks R / OS slots, one idx -> gather step
+# after another, ~1.4 us each: 207 us for R = 143), better at 28672x8192 (OS 2 + BR 4: +13..+28% vs +22..+40%) and
+# 4096^2 (OS 4: +21..+38% vs +33..+41%); no rule from two shapes: the table keeps OS 0.  The epilogue loop as
+# tl.range(num_stages=3): the same SASS (sm_90 AOT; its int16 idx loads are no cp.async candidates), not timed.
 
 
 def pick_config(m):

@@ -22,8 +22,10 @@ LOP3; mma.sync from one warp up to M = 32, wgmma with the unpacked tile as regis
 (3-bit, per channel or groups of a multiple of 256, fp16/bf16 x: p["words"] at Q = 8, built by prepare_weights on
 CUDA, which then drops the bit planes); GEMV for the rest of M <= GEMV_MAX_M rows; where the planes were dropped,
 everything else (larger M, fp32 x) dequantizes the words to a dense weight for the call (kernels/dequant_half2.py)
-+ cuBLAS.  With the planes (other grids, 2 / 4 bits, CPU tensors): the swap-AB GEMM on them (kernels/gemm_swap.py)
-up to SWAP_MAX_M rows, above that (CUDA only) their dequant + cuBLAS.  The outliers are fused in the GEMV and the
++ cuBLAS (fp32 activations on CUDA therefore pay a whole dequant per call: prepare with planes="keep", or set
+QUANTEASE_PLANES=keep, to run them on the planes' GEMV / GEMM).  With the planes (other grids, 2 / 4 bits, CPU
+tensors): the swap-AB GEMM on them (kernels/gemm_swap.py) up to SWAP_MAX_M rows, above that (CUDA only) their
+dequant + cuBLAS.  The outliers are fused in the GEMV and the
 GEMMs' epilogues (small tiles), else a second launch (kernels/outliers.py); the dequant paths add them to the dense
 weight in the dequant kernel (N x R adds instead of M x N x R).
 kernels/gemm.py (the v3 fused GEMM) stays as the dequant kernel's home and a reference point in the benchmarks.
