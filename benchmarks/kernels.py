@@ -249,7 +249,8 @@ def bench(args, writer):
                 rows.append((n, k, m, fraction, us, gbs, base))
                 writer.writerow(["bench", n, k, m, fraction, variant, f"{us:.2f}", f"{gbs:.0f}", f"{base / us:.3f}",
                                  f"{base:.2f}"])
-                if m == 256 and fraction == 0.0 and p.get("plane0") is not None:  # the fused GEMM that the dequant+cuBLAS path replaces here
+                # the fused GEMM (on the planes) that the dequant + cuBLAS path replaces here
+                if m == 256 and fraction == 0.0 and p.get("plane0") is not None:
                     from quantease.kernels import gemm
 
                     fused = time_kernel(p, m, lambda x, q, o: gemm.qgemm(x, q, None, o))
@@ -305,8 +306,8 @@ def large_m_parts(args, writer):
         del ws, w
         full = time_kernel(p, m, lambda x, q, o: gemm.dequant_matmul(x, q, None, o))
         fullw = time_kernel(pw, m, lambda x, q, o: gemm.dequant_matmul(x, q, None, o))
-        print(f"| {n}x{k} | {fraction * 100:g}% | {deq:.1f} / {deqw:.1f} | {sc} | {mm:.1f} | {full:.1f} / {fullw:.1f} |",
-              flush=True)
+        print(f"| {n}x{k} | {fraction * 100:g}% | {deq:.1f} / {deqw:.1f} | {sc} | {mm:.1f} | {full:.1f} / "
+              f"{fullw:.1f} |", flush=True)
         writer.writerow(["parts", n, k, m, fraction, "dequant/dequant_words/with_outliers/cublas/full/full_words",
                          f"{deq:.2f}", f"{deqw:.2f}", sc, f"{mm:.2f}", f"{full:.2f}", f"{fullw:.2f}"])
         del p, pw

@@ -13,9 +13,9 @@ holds (two consecutive k of a row).  So for every slot s of every block:
 
 A dot in a 1-warp program (M <= 32) is mma.sync (HMMA.16816), the operands in registers: the role tiles take one
 pass through shared memory per block (ldmatrix into the fragment layout), and so do the x^T tiles.  With 4 or 8
-warps (M = 33..128) it is a wgmma whose A operand is the unpacked tile in registers (x^T from shared memory).  sm_90 AOT (triton
-3.6), K loop per 256-column block at BN = 32: 607 instructions for 8192 weights, against 1345 for gemm_swap.py's
-1-warp loop on the bit planes (its unpack is 2 LOP3 + FADD + half an F2FP per weight).  The loop is
+warps (M = 33..128) it is a wgmma whose A operand is the unpacked tile in registers (x^T from shared memory).
+sm_90 AOT (triton 3.6), K loop per 256-column block at BN = 32: 607 instructions for 8192 weights, against 1345
+for gemm_swap.py's 1-warp loop on the bit planes (its unpack is 2 LOP3 + FADD + half an F2FP per weight).  The loop is
 software-pipelined (PIPE 2, triton's pipeliner: the next block's role tiles and 16 x tiles as cp.async copies, one
 wait per block): with plain loads ptxas keeps every x-tile load below the previous slot's barrier, which makes a
 block a chain of 16 L2 round trips (H200: 27.2 vs 17.8 us at 8192^2, M = 2).
@@ -243,8 +243,8 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS]]]) overrides the table (SPLIT_K 0:
     auto; PIPE: the K loop software-pipelined that deep, None / 1: plain loads; BR: outlier slots per epilogue step,
     0 / None: from gemm_swap.BR_ELEMS; OS: programs per weight tile that add only the outliers, scheduled first,
-    beside the SPLIT_K ones, 0 / None: the outliers in the K splits' epilogues).  outliers_only (benchmarks: the epilogue's cost alone): skip the K loop,
-    out = x @ H^T (+ bias) only."""
+    beside the SPLIT_K ones, 0 / None: the outliers in the K splits' epilogues).  outliers_only (benchmarks: the
+    epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
                              "(gemv_half2.add_layout: per channel or groups of a multiple of 256); got "

@@ -6,8 +6,8 @@ How runtimes call it (vLLM process_weights_after_loading / transformers post-loa
     y = qlinear_prepared(x, p, bias)                                                                       # per call
 
   p is a plain dict: tensors plane0, plane1, scales, zeros, outlier_idx, outlier_val, words (any may be None
-  except scales, and plane0 or words) and ints bits, group_size, in_features, out_features.  Keep the tensors on the module
-  (e.g. as buffers) and rebuild the dict, or keep the dict itself.  qlinear_prepared goes through the
+  except scales, and plane0 or words) and ints bits, group_size, in_features, out_features.  Keep the tensors on
+  the module (e.g. as buffers) and rebuild the dict, or keep the dict itself.  qlinear_prepared goes through the
   custom op torch.ops.quantease.qlinear (with a fake impl), so it is safe under torch.compile and CUDA-graph
   capture: no allocation besides the output, no autotuning, configs picked from a table by M.
 
@@ -25,9 +25,9 @@ everything else (larger M, fp32 x) dequantizes the words to a dense weight for t
 + cuBLAS (fp32 activations on CUDA therefore pay a whole dequant per call: prepare with planes="keep", or set
 QUANTEASE_PLANES=keep, to run them on the planes' GEMV / GEMM).  With the planes (other grids, 2 / 4 bits, CPU
 tensors): the swap-AB GEMM on them (kernels/gemm_swap.py) up to SWAP_MAX_M rows, above that (CUDA only) their
-dequant + cuBLAS.  The outliers are fused in the GEMV and the
-GEMMs' epilogues (small tiles), else a second launch (kernels/outliers.py); the dequant paths add them to the dense
-weight in the dequant kernel (N x R adds instead of M x N x R).
+dequant + cuBLAS.  The outliers are fused in the GEMV and the GEMMs' epilogues (small tiles), else a second launch
+(kernels/outliers.py); the dequant paths add them to the dense weight in the dequant kernel (N x R adds instead of
+M x N x R).
 kernels/gemm.py (the v3 fused GEMM) stays as the dequant kernel's home and a reference point in the benchmarks.
 GEMV variant: the GEMV rows go to kernels/gemv_half2.py (two weights per logic op; 1.08-1.67x faster than v1 at
 M = 1 on the H100 sweep, results/kernels_gemv.md) where it applies (3-bit, per channel or groups of a multiple of
