@@ -167,6 +167,31 @@ def _xt(x_cols, blk, s: tl.constexpr, q, K, mask_m):
 
 
 @triton.jit
+def _slots_ahead(oi_ptr, ov_ptr, offs_n, mask_n, R, split, stride_oi, stride_ov, PRE: tl.constexpr):
+    """idx, val, mask [BN, PRE] of this split's first PRE outlier slots (the split's share as in add_outliers)."""
+    rps = tl.cdiv(R, tl.num_programs(1))
+    offs_r = split * rps + tl.arange(0, PRE)
+    pmask = mask_n[:, None] & (offs_r[None, :] < min(split * rps + rps, R))
+    idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=pmask, other=0).to(tl.int32)
+    val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=pmask, other=0.0).to(tl.float32)
+    return idx, val, pmask
+
+
+@triton.jit
+def _add_slots_ahead(acc, pidx, pval, pmask, xt_ptr, offs_m, mask_m, stride_xt, stride_xtm, PRE: tl.constexpr):
+    """acc += the preloaded slots: PRE gathers that wait on nothing but registers (no idx load in the chain)."""
+    which = tl.arange(0, PRE)[None, :]
+    for s in tl.static_range(PRE):
+        idx = tl.sum(tl.where(which == s, pidx, 0), axis=1)
+        val = tl.sum(tl.where(which == s, pval, 0.0), axis=1)
+        hit = tl.max(tl.where(which == s, pmask.to(tl.int32), 0), axis=1) > 0
+        xg = tl.load(xt_ptr + idx[:, None] * stride_xt + offs_m[None, :] * stride_xtm,
+                     mask=hit[:, None] & mask_m[None, :], other=0.0)
+        acc += xg.to(tl.float32) * val[:, None]
+    return acc
+
+
+@triton.jit
 def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr, ov_ptr,
                        M, N, K, R, group_size, blocks_per_split,
                        stride_xm, stride_xt, stride_xtm, stride_ym, stride_w, stride_s, stride_z, stride_oi,
@@ -174,7 +199,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
                        ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
-                       OS: tl.constexpr):
+                       OS: tl.constexpr, PRE: tl.constexpr):
     # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel.  OS > 0: axis-1 programs
     # 0 .. OS - 1 of each tile add only the outliers (a share of the slots each, no K blocks), the others are the K
     # splits; OS = 0: every split adds a share in its epilogue
@@ -188,6 +213,8 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
         z = tl.full((BN,), ZERO, tl.int32)
     s0, s3, s6 = _subs(z, BF16)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
+    if OUTLIERS and PRE > 0:  # this split's first PRE slots: indices and values loaded before the K loop
+        pidx, pval, pmask = _slots_ahead(oi_ptr, ov_ptr, offs_n, mask_n, R, split, stride_oi, stride_ov, PRE)
     blk0 = (split - OS) * blocks_per_split
     blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
     if OS > 0:
@@ -230,8 +257,10 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     if OUTLIERS:
         if OS == 0:
+            if PRE > 0:
+                acc = _add_slots_ahead(acc, pidx, pval, pmask, xt_ptr, offs_m, mask_m, stride_xt, stride_xtm, PRE)
             acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
-                                         stride_xt, stride_xtm, stride_oi, stride_ov, BR)
+                                         stride_xt, stride_xtm, stride_oi, stride_ov, BR, None, PRE)
         elif split < OS:
             acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
                                          stride_xt, stride_xtm, stride_oi, stride_ov, BR, OS)
@@ -240,10 +269,12 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
 
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
-    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS]]]) overrides the table (SPLIT_K 0:
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE]]]]) overrides the table (SPLIT_K 0:
     auto; PIPE: the K loop software-pipelined that deep, None / 1: plain loads; BR: outlier slots per epilogue step,
     0 / None: from gemm_swap.BR_ELEMS; OS: programs per weight tile that add only the outliers, scheduled first,
-    beside the SPLIT_K ones, 0 / None: the outliers in the K splits' epilogues).  outliers_only (benchmarks: the
+    beside the SPLIT_K ones, 0 / None: the outliers in the K splits' epilogues; PRE (a power of 2): each split's
+    first PRE slot indices and values loaded before the K loop, so that their gathers after it wait on no load
+    -- the rest as before; 0 / None: none).  outliers_only (benchmarks: the
     epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
@@ -257,6 +288,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     pipe = cfg[4] if len(cfg) > 4 else None
     br = cfg[5] if len(cfg) > 5 else None
     os_ = (cfg[6] if len(cfg) > 6 else 0) or 0
+    pre = (cfg[7] if len(cfg) > 7 else 0) or 0
     if split == 0:
         split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET if warps == 1 else SPLIT_TARGET_WARPS)
     split, bps = gemm_swap.split_blocks(k, split)
@@ -281,7 +313,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         ov.stride(0) if ov is not None else 0,
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
         HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split + os_ > 1, ATOMIC=x.is_cuda,
-        BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_,
+        BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 else 0,
         num_warps=warps, num_stages=1)
     if oi is not None and not fused:
         ell_add(x, oi, ov, out)
