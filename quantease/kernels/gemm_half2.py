@@ -68,6 +68,8 @@ MIN_M = 2
 # after another, ~1.4 us each: 207 us for R = 143), better at 28672x8192 (OS 2 + BR 4: +13..+28% vs +22..+40%) and
 # 4096^2 (OS 4: +21..+38% vs +33..+41%); no rule from two shapes: the table keeps OS 0.  The epilogue loop as
 # tl.range(num_stages=3): the same SASS (sm_90 AOT; its int16 idx loads are no cp.async candidates), not timed.
+# PRE (config element 8): a split's first PRE slots loaded before the K loop (AOT: the loads stay at the top), so
+# their gathers after it wait on no load -- prepared, not yet timed (benchmarks/kernel_notes.md, session 7).
 
 
 def pick_config(m):
