@@ -116,7 +116,7 @@ def agree(p, m, ref_cfg, cfg, name):
 
 def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR 4 slots per step,
-    OS = 1 / 2 / 4 outlier-only programs per weight tile beside the K splits (scheduled first), PRE = 4 / 8 slots
+    OS = 1 / 2 / 4 outlier-only programs per weight tile beside the K splits (scheduled first), PRE = 2 / 4 slots
     per split loaded before the K loop, and the epilogue
     alone (the K loop skipped: launch, x^T copy, zeroing, outlier adds, atomics).  Session 6 calls 4 and 6 and
     session 7 call 1 timed more (BR 2, x^T copy or gather from x forced, the split's slots prefetched into L2
@@ -139,8 +139,8 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
                                         ("os2", tab[:5] + (None, 2), None, False),
                                         ("os4", tab[:5] + (None, 4), None, False),
                                         ("os2_br4", tab[:5] + (4, 2), None, False),
+                                        ("pre2", tab[:5] + (None, 0, 2), None, False),
                                         ("pre4", tab[:5] + (None, 0, 4), None, False),
-                                        ("pre8", tab[:5] + (None, 0, 8), None, False),
                                         ("epilogue_alone", tab, None, True)):
                 if not only:  # same sums as the table config (split-K atomics: not bit-equal)
                     agree(p5[0], m, tab, cfg, name)
