@@ -271,13 +271,15 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
 
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
-    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE]]]]) overrides the table (SPLIT_K 0:
-    auto; PIPE: the K loop software-pipelined that deep, None / 1: plain loads; BR: outlier slots per epilogue step,
-    0 / None: from gemm_swap.BR_ELEMS; OS: programs per weight tile that add only the outliers, scheduled first,
-    beside the SPLIT_K ones, 0 / None: the outliers in the K splits' epilogues; PRE (a power of 2): each split's
-    first PRE slot indices and values loaded before the K loop, so that their gathers after it wait on no load
-    -- the rest as before; 0 / None: none).  outliers_only (benchmarks: the
-    epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only."""
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE]]]]) overrides the table:
+      SPLIT_K  0: auto (gemm_swap.pick_split)
+      PIPE     the K loop software-pipelined that deep; None / 1: plain loads
+      BR       outlier slots per epilogue step; 0 / None: from gemm_swap.BR_ELEMS
+      OS       programs per weight tile that add only the outliers, scheduled first beside the SPLIT_K ones;
+               0 / None: the outliers in the K splits' epilogues
+      PRE      (a power of 2) each split's first PRE slot indices and values loaded before the K loop, so that
+               their gathers after it wait on no load, the rest as before; 0 / None: none
+    outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
                              "(gemv_half2.add_layout: per channel or groups of a multiple of 256); got "
