@@ -37,9 +37,12 @@ CANDS = {
 }
 # --wide (session 7): M = 64 / 128 on 4- and 8-warp programs (wgmma, the unpacked tile as register A), the table's
 # provisional entry first, against gemm_swap's table (the planes kernel the dispatch used up to now)
+# (session 7 call 1 timed the first four of each; the BN 256 ones, added after it: sm_90 AOT (64, 256, 8) 166
+# registers, 701 loop instructions, 4 HGMMA per slot; (64, 256, 4) 255 + 8 B of stack)
 WIDE = {
-    64: [(64, 128, 8, 0, 2), (64, 128, 4, 0, 2), (64, 64, 4, 0, 2), (64, 128, 8, 2, 2)],
-    128: [(128, 128, 8, 0, 2), (128, 64, 4, 0, 2), (64, 128, 8, 0, 2), (128, 128, 8, 2, 2)],
+    64: [(64, 128, 8, 0, 2), (64, 128, 4, 0, 2), (64, 64, 4, 0, 2), (64, 128, 8, 2, 2), (64, 256, 8, 0, 2)],
+    128: [(128, 128, 8, 0, 2), (128, 64, 4, 0, 2), (64, 128, 8, 0, 2), (128, 128, 8, 2, 2), (64, 256, 8, 0, 2),
+          (64, 256, 4, 0, 2)],
 }
 
 

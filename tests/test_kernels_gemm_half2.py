@@ -57,7 +57,7 @@ def test_table_config_matches_reference(n, k, group_size, sym, fraction, m, dtyp
                                     (16, 64, 1, 0, 2, 4), (16, 64, 1, 3, 1, 1), (64, 64, 4, 2, 2),
                                     (16, 64, 1, 0, 2, 0, 1), (16, 32, 1, 1, 2, 2, 3), (32, 32, 1, 3, None, 4, 2),
                                     (16, 32, 1, 2, 2, 0, 0, 4), (16, 64, 1, 0, 2, 1, 0, 2),
-                                    (32, 32, 1, 3, 2, 2, 0, 16)))
+                                    (32, 32, 1, 3, 2, 2, 0, 16), (64, 256, 8, 0, 2)))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_tiles_and_splits(config, dtype):
     run(50, 1200, -1, 0.02, False, 37, dtype, True, seed=config[1], config=config)
