@@ -6,7 +6,8 @@ builds no words there, so the tests add them and drop the planes the way prepare
 import pytest
 import torch
 
-from test_kernels import DEVICE, check, make_weight, needs_triton, reference64  # first: sets TRITON_INTERPRET
+# first (it sets TRITON_INTERPRET)
+from test_kernels import DEVICE, check, duplicate_and_padded_slots, make_weight, needs_triton, reference64
 from quantease.errors import QuantEaseError
 from quantease.format import layout
 from quantease.kernels import dequantize_prepared, gemv_half2, ops, prepare_weights, qlinear_prepared
@@ -46,15 +47,9 @@ def test_dequant_matches_the_planes(group_size, sym, dtype):
 def test_dequant_outlier_duplicates_and_padding():
     from quantease.kernels import dequant_half2
 
-    g = torch.Generator().manual_seed(5)
-    n, k, r = 21, 700, 40  # R = 40: three chunks of dequant_half2.BR slots
+    n, k = 21, 700
     qweight, scales, zeros = make_weight(n, k, 3, -1, 0.0, False, 6)[:3]
-    idx = torch.sort(torch.randint(0, k, (n, r), generator=g), 1).values
-    idx[:, 2] = idx[:, 1]  # a duplicate in every row: both values land
-    val = torch.randn(n, r, generator=g).half()
-    val[::3, 25:] = 0  # padding (value 0) repeating the last index
-    idx[::3, 25:] = idx[::3, 24:25]
-    idx, val = idx.to(torch.int16).to(DEVICE), val.to(DEVICE)
+    idx, val = duplicate_and_padded_slots(n, k, 40)  # R = 40: three chunks of dequant_half2.BR slots
     p = words_only((qweight, scales, zeros, idx, val), -1, k)
     dense = layout.dequantize_packed(qweight, scales, zeros, None, None, 3, -1, k)
     want = dense.to(torch.float16).double().scatter_add(1, idx.long(), val.double())
@@ -104,6 +99,26 @@ def test_which_layouts_drop_the_planes():
     assert not dropped(128) and not dropped(64) and not dropped(-1, bits=4)  # Q < 8 words / no words: planes stay
     w = make_weight(8, 512, 3, -1, 0.0, False, 1, device="cpu")
     assert prepare_weights(*w, 3, -1, 512)["plane0"] is not None  # CPU: no words are built, the planes stay
+
+
+def test_prepare_on_cuda_builds_the_words_from_the_codes(monkeypatch):
+    """prepare_weights' CUDA branch (taken here on the CPU): the words from the codes directly, the planes never
+    built where the words cover every path, both with planes="keep"; the same tensors as add_layout on the planes."""
+    from quantease.kernels import prepare
+
+    for group_size, zeros_dtype in ((-1, torch.int16), (256, torch.int16), (128, torch.uint8)):
+        w = make_weight(24, 700, 3, group_size, 0.02, False, 4, device="cpu")
+        monkeypatch.setattr(prepare, "_builds_words", lambda device: False)
+        want = gemv_half2.add_layout(prepare_weights(*w, 3, group_size, 700))  # from the planes (the CPU path)
+        monkeypatch.setattr(prepare, "_builds_words", lambda device: True)
+        for planes in ("drop", "keep"):
+            p = prepare_weights(*w, 3, group_size, 700, planes=planes)
+            assert torch.equal(p["words"], want["words"]) and p["zeros"].dtype == zeros_dtype
+            assert torch.equal(p["zeros"], want["zeros"])
+            if planes == "drop" and group_size != 128:
+                assert p["plane0"] is None and p["plane1"] is None
+            else:  # kept, or needed (Q = 4 words at g128: gemm_half2 / dequant_half2 do not read them)
+                assert torch.equal(p["plane0"], want["plane0"]) and torch.equal(p["plane1"], want["plane1"])
 
 
 def test_planes_option(monkeypatch):

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from quantease.errors import QuantEaseError
 from quantease.kernels.gemm import add_span_outliers
-from quantease.kernels.prepare import half2_words_per_role
+from quantease.kernels.gemm_half2 import block_code
+from quantease.kernels.prepare import has_q8_words
 
-Q = 8
 # (BN rows, num_warps) per program; one 256-column block per program.  H200, session 7 (kernels.py --parts, M = 256
 # shapes 8192^2 / 28672x8192 / 8192x28672, 0.5% outliers): (32, 4) 66.3 / 226.5 / 273.3 us, the planes' dequant
 # 63.8 / 227.5 / 273.7; (64, 4) 80.3 / 271.0 / 322.7; (64, 8) 71.5 / 245.5 / 288.6; (128, 4) 88.2 / 318.4 / 378.8
@@ -27,8 +27,7 @@ CONFIG = (32, 4)
 BR = 16  # outlier slots per chunk (gemm.DQ_BR)
 
 
-def supports(p):
-    return p.get("words") is not None and p["bits"] == 3 and half2_words_per_role(p["group_size"]) == Q
+supports = has_q8_words  # the half2 words at Q = 8 (prepare.words_cover)
 
 
 @triton.jit
@@ -52,14 +51,7 @@ def dequant_half2_kernel(w_ptr, h_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, N, K, R, gr
     else:
         z = ZERO
     for slot in tl.static_range(16):
-        if slot < 5:
-            c = (r0 >> (3 * slot)) & 7
-        elif slot < 10:
-            c = (r1 >> (3 * (slot - 5))) & 7
-        elif slot < 15:
-            c = (r2 >> (3 * (slot - 10))) & 7
-        else:  # the spare code: bit r in bit 15 of role r
-            c = ((r0 >> 15) & 1) | ((r1 >> 14) & 2) | ((r2 >> 13) & 4)
+        c = block_code(r0, r1, r2, slot)
         kx = blk * 256 + slot * 16 + i
         tl.store(w_ptr + offs_n[:, None] * stride_w + kx[None, :],
                  ((c.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=mask_n[:, None] & (kx < K)[None, :])

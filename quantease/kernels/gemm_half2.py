@@ -33,14 +33,14 @@ import triton.language as tl
 from quantease.errors import QuantEaseError
 from quantease.kernels import gemm_swap
 from quantease.kernels.outliers import ell_add
-from quantease.kernels.prepare import half2_words_per_role
+from quantease.kernels.prepare import has_q8_words
 
-Q = 8  # words per role per 256-column block: the layout this kernel reads
-# (BM, BN, num_warps, SPLIT_K[, PIPE[, BR]]) by M bucket; SPLIT_K 0: gemm_swap.pick_split to SPLIT_TARGET
-# programs.  H200, session 6 (benchmarks/kernels_half2.py --asym, results/kernels_half2.md): the software-pipelined
-# loop (PIPE 2: the next block's words and x tiles by cp.async, one wait per block) against the plain one (a chain of
-# 16 x-tile L2 round trips per block, each behind the previous slot's barrier) at 8192^2 M = 2 / 16: (16, 64) 17.8 /
-# 23.2 vs 27.2 / 31.5 us; BN 32 20.5 / 33.1, BN 16 31.4 / 57.7, PIPE 3 (BN 32) 22.7 / 39.4; M = 32 (32, 64) 31.9 us.
+# (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE]]]]) by M bucket (see qgemm_half2); SPLIT_K 0:
+# gemm_swap.pick_split to SPLIT_TARGET programs.  H200, session 6 (benchmarks/kernels_half2.py --asym,
+# results/kernels_half2.md): the software-pipelined loop (PIPE 2: the next block's words and x tiles by cp.async,
+# one wait per block) against the plain one (a chain of 16 x-tile L2 round trips per block, each behind the previous
+# slot's barrier) at 8192^2 M = 2 / 16: (16, 64) 17.8 / 23.2 vs 27.2 / 31.5 us; BN 32 20.5 / 33.1, BN 16 31.4 / 57.7,
+# PIPE 3 (BN 32) 22.7 / 39.4; M = 32 (32, 64) 31.9 us.
 CONFIGS = {
     16: (16, 64, 1, 0, 2),
     32: (32, 64, 1, 0, 2),
@@ -81,8 +81,7 @@ def pick_config(m):
 
 def supports(p, x):
     """The half2 words at Q = 8 are there (gemv_half2.add_layout, with int16 zeros) and x is fp16 / bf16."""
-    return (p.get("words") is not None and p["bits"] == 3 and half2_words_per_role(p["group_size"]) == Q
-            and (p["zeros"] is None or p["zeros"].dtype != torch.uint8)
+    return (has_q8_words(p) and (p["zeros"] is None or p["zeros"].dtype != torch.uint8)
             and x.dtype in (torch.float16, torch.bfloat16))
 
 
@@ -107,8 +106,7 @@ def _slot(w, sub, j: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
             f"{{ .reg .b32 t, one; shr.b32 t, $2, {sh}; lop3.b32 t, t, {mask}, {magic}, 0xEA; "
             f"{_SUB_BF16 if BF16 else _SUB_F16} }}", "=r,r,r", [sub, w], dtype=dt, is_pure=True, pack=2)
     else:
-        c = ((w >> (3 * j)) & 7).to(tl.float32)
-        return (c - _zero_of(sub, p, BF16)).to(dt)
+        return (slot_code(w, j).to(tl.float32) - _zero_of(sub, p, BF16)).to(dt)
 
 
 @triton.jit
@@ -123,8 +121,32 @@ def _spare(w0, w1, w2, sub, BF16: tl.constexpr, ASM: tl.constexpr):
             f"lop3.b32 t, c, 0x00040004, t, 0xEA; {_SUB_BF16 if BF16 else _SUB_F16} }}",
             "=r,r,r,r,r", [sub, w0, w1, w2], dtype=dt, is_pure=True, pack=2)
     else:
-        c = (((w0 >> 15) & 1) | ((w1 >> 14) & 2) | ((w2 >> 13) & 4)).to(tl.float32)
-        return (c - _zero_of(sub, 0, BF16)).to(dt)
+        return (spare_code(w0, w1, w2).to(tl.float32) - _zero_of(sub, 0, BF16)).to(dt)
+
+
+@triton.jit
+def slot_code(w, j: tl.constexpr):
+    """The integer code of slot j (0..4) of a role tile (int16 lanes, or their int32 widening)."""
+    return (w >> (3 * j)) & 7
+
+
+@triton.jit
+def spare_code(w0, w1, w2):
+    """The integer code of slot 15, the spare: bit r in bit 15 of role r's lanes."""
+    return ((w0 >> 15) & 1) | ((w1 >> 14) & 2) | ((w2 >> 13) & 4)
+
+
+@triton.jit
+def block_code(r0, r1, r2, s: tl.constexpr):
+    """The integer code of slot s (0..15) of a block, from its three role tiles: columns 16 s .. 16 s + 15."""
+    if s < 5:
+        return slot_code(r0, s)
+    elif s < 10:
+        return slot_code(r1, s - 5)
+    elif s < 15:
+        return slot_code(r2, s - 10)
+    else:
+        return spare_code(r0, r1, r2)
 
 
 @triton.jit

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from quantease.errors import QuantEaseError
-from quantease.kernels.prepare import half2_from_prepared, half2_supported, half2_words_per_role
+from quantease.kernels.prepare import half2_from_prepared, half2_supported, half2_words_per_role, has_q8_words
 from quantease.kernels.gemv import ell_rows
 
 # Configs: (BN, blocks of 32 Q columns per K step, num_warps[, stages[, prefetch depth[, lead[, pin[, cg[, xhint
@@ -104,16 +104,17 @@ def supports(p, x):
     return half2_supported(p["bits"], p["group_size"]) and x.dtype in (torch.float16, torch.bfloat16)
 
 
-def add_layout(p):
+def add_layout(p, codes=None):
     """Load time: prepare_weights' dict p gains the half2 words (key "words"; None where the half2 GEMV does not
     apply), built once here, eagerly, so that a runtime can keep them as a buffer / parameter beside the planes
     (seen by vLLM's memory profiling, never built inside a CUDA-graph capture).  Where the words are at Q = 8
     (per channel, groups of a multiple of 256) the batched-decode GEMM (gemm_half2.py) reads them too, and the
-    zeros become int16 (that kernel's requirement; every other kernel loads either).  Returns p."""
+    zeros become int16 (that kernel's requirement; every other kernel loads either).  codes: the integer codes
+    when at hand (prepare_weights), else read back from the planes.  Returns p."""
     if p.get("words") is not None:  # already there (prepare_weights on CUDA); the planes may be gone
         return p
-    p["words"] = half2_from_prepared(p)["words"] if half2_supported(p["bits"], p["group_size"]) else None
-    if p["words"] is not None and half2_words_per_role(p["group_size"]) == 8 and p["zeros"] is not None:
+    p["words"] = half2_from_prepared(p, codes)["words"] if half2_supported(p["bits"], p["group_size"]) else None
+    if has_q8_words(p) and p["zeros"] is not None:
         p["zeros"] = p["zeros"].to(torch.int16)  # gemm_half2 reads the same words; it needs 16-bit zeros
     return p
 

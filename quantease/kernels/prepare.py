@@ -107,29 +107,42 @@ def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, grou
     kb = (in_features + BLOCK - 1) // BLOCK * BLOCK
     codes = torch.zeros(n, kb, dtype=torch.uint8, device=qweight.device)
     codes[:, :in_features] = layout.unpack_codes(qweight, bits, in_features)
-    plane0, plane1 = _pack_block_planes(codes, bits)
     if outlier_idx is not None and outlier_idx.shape[1] == 0:
         outlier_idx = outlier_val = None
     p = dict(
-        plane0=plane0, plane1=plane1,
+        plane0=None, plane1=None,
         scales=scales.contiguous(),
         zeros=None if zeros is None else zeros.contiguous(),
         outlier_idx=None if outlier_idx is None else outlier_idx.contiguous(),
         outlier_val=None if outlier_val is None else outlier_val.contiguous(),
         bits=bits, group_size=group_size, in_features=in_features, out_features=n)
-    if plane0.is_cuda:
+    if _builds_words(codes.device):
         from quantease.kernels import gemv_half2  # imports triton: CUDA machines only
 
         if gemv_half2.selected() == "half2":
-            gemv_half2.add_layout(p)
-            if not keep:
-                drop_planes(p)
+            gemv_half2.add_layout(p, codes)
+    if keep or not has_q8_words(p):  # planes the kernels will read (else never built: drop_planes' result)
+        p["plane0"], p["plane1"] = _pack_block_planes(codes, bits)
     return p
+
+
+def _builds_words(device):
+    """prepare_weights builds the half2 words on CUDA only (a function: tests take the CUDA branch on the CPU)."""
+    return device.type == "cuda"
+
+
+def words_cover(bits, group_size):
+    """The half2 words of this grid are at Q = 8: the GEMV, gemm_half2 and dequant_half2 all read them."""
+    return bits == 3 and half2_words_per_role(group_size) == 8
+
+
+def has_q8_words(p):
+    return p.get("words") is not None and words_cover(p["bits"], p["group_size"])
 
 
 def drop_planes(p):
     """p without its bit planes where its half2 words are at Q = 8 (every kernel path has them); returns p."""
-    if p.get("words") is not None and p["bits"] == 3 and half2_words_per_role(p["group_size"]) == 8:
+    if has_q8_words(p):
         p["plane0"] = p["plane1"] = None
     return p
 
@@ -258,8 +271,10 @@ def prepare_half2(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_
     return _half2_dict(codes, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
 
 
-def half2_from_prepared(p):
-    """prepare_weights' dict -> prepare_half2's dict (same scales/zeros/outlier tensors, no copies of them)."""
-    codes = codes_from_planes(p["plane0"], p["plane1"], p["bits"], p["in_features"])
+def half2_from_prepared(p, codes=None):
+    """prepare_weights' dict -> prepare_half2's dict (same scales/zeros/outlier tensors, no copies of them); codes
+    [N, >= in_features]: the layer's integer codes when at hand (else read back from the planes)."""
+    if codes is None:
+        codes = codes_from_planes(p["plane0"], p["plane1"], p["bits"], p["in_features"])
     return _half2_dict(codes, p["scales"], p["zeros"], p["outlier_idx"], p["outlier_val"], p["bits"],
                        p["group_size"], p["in_features"])
