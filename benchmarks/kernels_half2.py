@@ -79,7 +79,13 @@ def words_q4(p):
     return dict(p, words=pack_half2(codes, 4), q=4)
 
 
-def check(device, shapes, asym, cands=CANDS):
+def uint8_zeros(ps):
+    """The weight copies with uint8 zeros: gemm_swap as the dispatch ran it before gemm_half2 (its 1-warp configs
+    need them, see its doc)."""
+    return [dict(q, zeros=None if q["zeros"] is None else q["zeros"].to(torch.uint8)) for q in ps]
+
+
+def check(device, shapes, asym, cands, ms):
     from quantease.kernels import dequantize_prepared, gemm_half2
 
     bad = 0
@@ -88,7 +94,7 @@ def check(device, shapes, asym, cands=CANDS):
         p = prepared(n, k, 0.005, device, asym, seed=2)
         w64 = dequantize_prepared(p).double()
         errs = []
-        for m in (MS if cands is CANDS else (64, 65, 128)):
+        for m in ms:
             for cfg in cands[bucket(m)]:
                 for dtype in (torch.float16, torch.bfloat16):
                     x = torch.randn(m, k, device=device).to(dtype)
@@ -178,7 +184,7 @@ def main():
     if args.outliers:
         return outliers(args, time_kernel, time_fp16, rotate, device, shapes)
     cands, ms = (WIDE, (64, 128)) if args.wide else (CANDS, MS)
-    check(device, shapes[:2], args.asym, cands)
+    check(device, shapes[:2], args.asym, cands, (64, 65, 128) if args.wide else MS)
     print(f"[{time.time() - t0:.0f}s] weights: {'asymmetric' if args.asym else 'symmetric'}, 3-bit per channel",
           flush=True)
     f = open(os.path.join(args.out, "half2_gemm" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
@@ -190,8 +196,7 @@ def main():
         w.writerow([n, k, m, frac, name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
 
     for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
-        # gemm_swap as the dispatch ran it before gemm_half2: uint8 zeros (its 1-warp configs need them, see its doc)
-        p0u = [dict(q, zeros=None if q["zeros"] is None else q["zeros"].to(torch.uint8)) for q in p0]
+        p0u = uint8_zeros(p0)
         for m in ms:
             base = time_fp16(n, k, m, fp16)
             old = time_kernel(p0u, m, lambda x, q, o: gemm_swap.qgemm_swap(x, q, None, o))
@@ -211,7 +216,7 @@ def main():
             row(n, k, m, 0.005, "half2", cfg0, us5, base)
             swap5 = ""
             if args.wide:  # gemm_swap with the outliers too (both add them by the ELL launch at BM >= 64)
-                p5u = [dict(q, zeros=None if q["zeros"] is None else q["zeros"].to(torch.uint8)) for q in p5]
+                p5u = uint8_zeros(p5)
                 old5 = time_kernel(p5u, m, lambda x, q, o: gemm_swap.qgemm_swap(x, q, None, o))
                 row(n, k, m, 0.005, "swap_table", gemm_swap.pick_config(m), old5, base)
                 swap5 = f" | swap 0.5% {old5:.1f}"

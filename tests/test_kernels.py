@@ -51,6 +51,18 @@ def make_weight(n, k, bits, group_size, fraction, sym, seed, device=DEVICE):
     return tuple(map(move, (qweight, scales, zeros, idx, val)))
 
 
+def duplicate_and_padded_slots(n, k, r, seed=5):
+    """ELL outliers (idx int16, val fp16 on DEVICE) [n, r] with a real duplicate index in every row (both values
+    must land) and, in every third row, padding (value 0) repeating the last index from slot 25 on."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.sort(torch.randint(0, k, (n, r), generator=g), 1).values
+    idx[:, 2] = idx[:, 1]
+    val = torch.randn(n, r, generator=g).half()
+    val[::3, 25:] = 0
+    idx[::3, 25:] = idx[::3, 24:25]
+    return idx.to(torch.int16).to(DEVICE), val.to(DEVICE)
+
+
 def reference64(x, w, bits, group_size, k, bias):
     """Float64 reference (x and the dense weight in float64)."""
     dense = layout.dequantize_packed(*w, bits, group_size, k, dtype=torch.float64)
@@ -238,17 +250,11 @@ def test_large_m_dequant_path(bits, group_size, sym):  # on CUDA, M > ops.SWAP_M
 def test_dequantize_adds_outliers_duplicates_and_padding(dtype, blocks, k):  # the large-M weight, odd N, K, R
     from quantease.kernels import gemm
 
-    g = torch.Generator().manual_seed(5)
     # 700: 3 blocks of 256 columns, 1300: 6 (with 2 / 4 blocks per program the last program is partly past K);
     # R = 40: 3 chunks of gemm.DQ_BR slots, skipped where they cannot reach a program's columns
-    n, r = 37, 40
+    n = 37
     qweight, scales, zeros = make_weight(n, k, 3, -1, 0.0, False, 6)[:3]
-    idx = torch.sort(torch.randint(0, k, (n, r), generator=g), 1).values
-    idx[:, 2] = idx[:, 1]  # a real duplicate in every row: both values must land
-    val = torch.randn(n, r, generator=g).half()
-    val[::3, 25:] = 0  # padding (value 0) repeating the last index
-    idx[::3, 25:] = idx[::3, 24:25]
-    idx, val = idx.to(torch.int16).to(DEVICE), val.to(DEVICE)
+    idx, val = duplicate_and_padded_slots(n, k, 40)
     p = prepare_weights(qweight, scales, zeros, idx, val, 3, -1, k, planes="keep")
     dense = layout.dequantize_packed(qweight, scales, zeros, None, None, 3, -1, k)
     want = dense.to(dtype).double().scatter_add(1, idx.long(), val.double())  # dense rounded, outliers added
