@@ -193,9 +193,9 @@ def _xt(x_cols, blk, s: tl.constexpr, q, K, mask_m):
 @triton.jit
 def _slots_ahead(oi_ptr, ov_ptr, offs_n, mask_n, R, split, stride_oi, stride_ov, PRE: tl.constexpr):
     """idx, val, mask [BN, PRE] of this split's first PRE outlier slots (the split's share as in add_outliers)."""
-    rps = tl.cdiv(R, tl.num_programs(1))
-    offs_r = split * rps + tl.arange(0, PRE)
-    pmask = mask_n[:, None] & (offs_r[None, :] < min(split * rps + rps, R))
+    r_lo, r_hi = gemm_swap.split_slots(R, split)
+    offs_r = r_lo + tl.arange(0, PRE)
+    pmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
     idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=pmask, other=0).to(tl.int32)
     val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=pmask, other=0.0).to(tl.float32)
     return idx, val, pmask

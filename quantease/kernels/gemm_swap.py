@@ -289,13 +289,19 @@ def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def split_slots(R, split, parts=None):
+    """Outlier slots [r_lo, r_hi) of part `split` of `parts` (default: the grid's splits): R / parts each."""
+    rps = tl.cdiv(R, tl.num_programs(1) if parts is None else parts)
+    return split * rps, min(split * rps + rps, R)
+
+
+@triton.jit
 def add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split, stride_xt, stride_xtm,
                  stride_oi, stride_ov, BR: tl.constexpr, parts=None, skip=0):
     """acc [BN, BM] += val[n, r] * x^T[idx[n, r], :], BR slots at a time; part `split` of `parts` (default: the
     grid's splits) takes slots split R / parts .. (less its first `skip`, added elsewhere)."""
-    rps = tl.cdiv(R, tl.num_programs(1) if parts is None else parts)
-    r_hi = min(split * rps + rps, R)
-    for r0 in range(split * rps + skip, r_hi, BR):
+    r_lo, r_hi = split_slots(R, split, parts)
+    for r0 in range(r_lo + skip, r_hi, BR):
         offs_r = r0 + tl.arange(0, BR)
         rmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
         idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
