@@ -17,10 +17,10 @@ cut model) + 32 x the mean per-block time (blocks after the first when there are
 pays one-off kernel compiles).  Calibration: nsamples x seqlen random token ids, fed through the pipeline's own
 --calib path as a text of words of a word-level tokenizer whose vocabulary is the model's (token i = "t<i>").
 
-Each method runs `quantize_model` (the CLI's Python API) in its own process; per-block wall times come from
-timestamps around the pipeline's quantize_block / save_block (Σ accumulation + quantization + block outputs +
-the resume state it saves), per-layer quantize_weight seconds from the checkpoint report, peak GPU memory from
-torch.cuda.max_memory_allocated.  A method cut short by --deadline keeps the blocks it finished.
+Each method runs `quantize_model` (the CLI's Python API) in its own process; a block's wall time runs from its
+quantize_block to the next block's (Σ accumulation + quantization + block outputs, and any wait for the previous
+block's resume state, which the pipeline saves on a thread beside the next block), per-layer quantize_weight
+seconds from the checkpoint report, peak GPU memory from torch.cuda.max_memory_allocated.  A method cut short by --deadline keeps the blocks it finished.
 """
 import argparse
 import csv
@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,30 +94,42 @@ def run_one(args):
     call = dict(first_block=len(marks))
     state["calls"].append(call)
 
+    lock = threading.Lock()  # save_block runs on the pipeline's save thread: dump from both threads
+
     def dump(status):
-        call["wall_s"] = time.time() - t0  # this call so far; total_s = every call's wall time
-        state["total_s"] = sum(c.get("wall_s", 0.0) for c in state["calls"])
-        tmp = Path(args.json + ".tmp")  # the parent may kill this process at its deadline: never a torn file
-        tmp.write_text(json.dumps(dict(method=args.one, status=status, blocks=marks, **state), indent=1))
-        os.replace(tmp, args.json)
+        with lock:
+            call["wall_s"] = time.time() - t0  # this call so far; total_s = every call's wall time
+            state["total_s"] = sum(c.get("wall_s", 0.0) for c in state["calls"])
+            tmp = Path(args.json + ".tmp")  # the parent may kill this process at its deadline: never a torn file
+            tmp.write_text(json.dumps(dict(method=args.one, status=status, blocks=marks, **state), indent=1))
+            os.replace(tmp, args.json)
 
     orig_qb, orig_save = pipeline.quantize_block, pipeline.save_block
+    mine = {}  # block index -> its mark, this call's blocks
 
-    def quantize_block(*a, **k):
+    # A block's seconds: from its quantize_block to the next one's (its Σ, quantization and outputs, and any wait
+    # for the previous block's save), or to its own save's end for the call's last block.  The save itself
+    # runs beside the next block (pipeline.BlockSaver): save_s is its own duration, overlapped.
+    def quantize_block(block, prefix, *a, **k):
         sync()
-        marks.append(dict(start=time.time()))
-        out = orig_qb(*a, **k)
+        now = time.time()
+        i = int(prefix.rsplit(".", 1)[-1])
+        if i - 1 in mine:
+            mine[i - 1]["seconds"] = now - mine[i - 1]["start"]
+        mine[i] = dict(block=i, start=now)
+        marks.append(mine[i])
+        out = orig_qb(block, prefix, *a, **k)
         sync()
-        marks[-1]["quantized"] = time.time()
+        mine[i]["quantized"] = time.time()
         return out
 
     def save_block(pdir, fingerprint, i, results, rows, *rest):  # rest: the next block's inputs (both streams)
-        sync()
-        marks[-1]["outputs"] = time.time()
+        t = time.time()
         orig_save(pdir, fingerprint, i, results, rows, *rest)
-        m = marks[-1]
-        m.update(end=time.time(), block=i, quantize_weight_s=sum(r["seconds"] for r in rows.values()))
-        m.update(seconds=m["end"] - m["start"], save_s=m["end"] - m["outputs"])
+        m = mine[i]
+        m.update(end=time.time(), save_s=time.time() - t, quantize_weight_s=sum(r["seconds"] for r in rows.values()))
+        m["sigma_s"] = m["quantized"] - m["start"] - m["quantize_weight_s"]
+        m.setdefault("seconds", m["end"] - m["start"])
         state["peak_gib"] = max(filter(None, (state.get("peak_gib"), peak_gib())), default=None)
         dump("running")
 
@@ -157,6 +170,8 @@ def summarize(res, nblocks, calib):
     row.update(per_block_s=per_block, first_block_s=done[0]["seconds"],
                quantize_weight_s=sum(b["quantize_weight_s"] for b in steady) / len(steady),
                save_s=sum(b["save_s"] for b in steady) / len(steady), blocks_used=len(steady))
+    if all("sigma_s" in b for b in steady):  # runs before the save thread did not record it
+        row["sigma_s"] = sum(b["sigma_s"] for b in steady) / len(steady)
     if res["status"] == "done":
         fixed = res["total_s"] - sum(b["seconds"] for b in done)
         row.update(total_s=res["total_s"], fixed_s=fixed,
@@ -171,16 +186,18 @@ def fmt(x, spec):
 
 
 def table(rows):
-    lines = ["| method | blocks timed | s / block (mean) | first block s | quantize_weight s / block | save s / block "
-             "| fixed s | cut-model total s | 32-block total (extrapolated, or measured) | peak GPU GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | blocks timed | s / block (mean) | first block s | quantize_weight s / block | Σ + hooks s / block "
+             "| save s / block (overlapped) | fixed s | cut-model total s | 32-block total (extrapolated, or measured) "
+             "| peak GPU GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ext, meas = r.get("extrapolated_32_s"), r.get("measured_32_s")
         total = (f"{meas:.0f} s = {meas / 60:.1f} min MEASURED ({r['calls']} call(s))" if meas is not None else
                  "" if ext is None else f"{ext:.0f} s = {ext / 60:.1f} min")
         lines.append(f"| {r['method']} | {r['blocks_done']}/{r['blocks_model']} ({r['status']}) | "
                      f"{fmt(r.get('per_block_s'), '.1f')} | {fmt(r.get('first_block_s'), '.1f')} | "
-                     f"{fmt(r.get('quantize_weight_s'), '.1f')} | {fmt(r.get('save_s'), '.1f')} | "
+                     f"{fmt(r.get('quantize_weight_s'), '.1f')} | {fmt(r.get('sigma_s'), '.1f')} | "
+                     f"{fmt(r.get('save_s'), '.1f')} | "
                      f"{fmt(r.get('fixed_s'), '.1f')} | {fmt(r.get('total_s'), '.1f')} | "
                      f"{total} | {fmt(r.get('peak_gib'), '.1f')} |")
     by = {r["method"]: r.get("per_block_s") for r in rows}

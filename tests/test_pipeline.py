@@ -203,6 +203,62 @@ def test_stale_partial_state_from_other_settings_is_not_reused(work, tmp_path, m
     assert report(out)["layers"]["model.layers.0.self_attn.q_proj"]["method"] == "gptq"
 
 
+def test_a_failed_save_is_one_line_and_the_last_committed_block_stays(work, tmp_path, monkeypatch, capsys):
+    # the resume state is written on a thread beside the next block: its error must still stop the run with one
+    # line, before any checkpoint, and block 0 (committed) must be what a rerun resumes from
+    real = pipeline.save_block
+
+    def save(pdir, fingerprint, i, *rest):
+        if i == 1:
+            raise OSError(28, "No space left on device")
+        real(pdir, fingerprint, i, *rest)
+
+    monkeypatch.setattr(pipeline, "save_block", save)
+    out = tmp_path / "q"
+    rc = main(["quantize", str(work / "tiny"), "--out", str(out), "--calib", str(work / "calib.txt"), "--nsamples",
+               "4", "--seqlen", "64", "--method", "rtn"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "could not save the resume state" in err[0] and "No space left on device" in err[0]
+    assert not out.exists()
+    assert json.loads((tmp_path / "q.partial/state.json").read_text())["next_block"] == 1
+
+
+def test_block_saver_joins_and_reports():
+    done = []
+    saver = pipeline.BlockSaver("nowhere")
+    real = pipeline.save_block
+    try:
+        pipeline.save_block = lambda pdir, i: done.append((pdir, i))
+        saver.submit(0)
+        saver.submit(1)  # waits for save 0 first
+        saver.wait()
+        assert done == [("nowhere", 0), ("nowhere", 1)] and saver.thread is None
+        pipeline.save_block = lambda pdir, i: 1 / 0
+        saver.submit(2)
+        saver.wait(check=False)  # an error of the caller's is on its way: this one is dropped
+        saver.submit(3)
+        with pytest.raises(QuantEaseError, match="could not save the resume state in nowhere: division by zero"):
+            saver.wait()
+        saver.wait()  # reported once
+    finally:
+        pipeline.save_block = real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_add_xtx_is_the_float32_sum(dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA: the tensor-core path for half inputs
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(300, 40, generator=gen) * 3).to(dtype)
+    b = (torch.randn(300, 40, generator=gen) * 3).to(dtype)
+    sigma = torch.randn(40, 40, generator=gen)
+    expect = sigma.double() + a.double().t() @ b.double()
+    got = sigma.to(device)
+    pipeline.add_xtx(got, a.to(device), b.to(device))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), expect, rtol=1e-5, atol=1e-3)
+
+
 # ---------------------------------------------------------------- bad input: one line, rc 2, nothing written
 
 def bad(work, tmp_path, capsys, argv, partial=False):
