@@ -38,16 +38,32 @@ CANDS = {
 # --wide (session 7): M = 64 / 128 on 4- and 8-warp programs (wgmma, the unpacked tile as register A), the table's
 # provisional entry first, against gemm_swap's table (the planes kernel the dispatch used up to now)
 # (session 7 call 1 timed the first four of each; the BN 256 ones, added after it: sm_90 AOT (64, 256, 8) 166
-# registers, 701 loop instructions, 4 HGMMA per slot; (64, 256, 4) 255 + 8 B of stack)
+# registers, 701 loop instructions, 4 HGMMA per slot; (64, 256, 4) 255 + 8 B of stack).  Session 8 timed them all:
+# (64, 256, 4) won M = 128 on every shape (now CONFIGS[128]); its M = 64 entry was added after that call
 WIDE = {
-    64: [(64, 128, 8, 0, 2), (64, 128, 4, 0, 2), (64, 64, 4, 0, 2), (64, 128, 8, 2, 2), (64, 256, 8, 0, 2)],
+    64: [(64, 128, 8, 0, 2), (64, 128, 4, 0, 2), (64, 64, 4, 0, 2), (64, 128, 8, 2, 2), (64, 256, 8, 0, 2),
+         (64, 256, 4, 0, 2)],
     128: [(128, 128, 8, 0, 2), (128, 64, 4, 0, 2), (64, 128, 8, 0, 2), (128, 128, 8, 2, 2), (64, 256, 8, 0, 2),
           (64, 256, 4, 0, 2)],
 }
 
 
+# --large (session 8, not yet timed): M = 256 / 512 on gemm_half2 (each 64- or 128-row tile decodes the weights once)
+# against what the dispatch runs there, the words' dequant + cuBLAS (gemm.dequant_matmul); the 128-row tiles as
+# 8-warp programs: two warp groups of 64 weight rows each per wgmma
+LARGE = {
+    256: [(64, 256, 4, 0, 2), (128, 256, 8, 0, 2), (128, 128, 8, 0, 2), (64, 128, 8, 0, 2)],
+    512: [(64, 256, 4, 0, 2), (128, 256, 8, 0, 2), (128, 128, 8, 0, 2)],
+}
+
+
 def bucket(m):
-    return 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
+    return next((b for b in (16, 32, 64, 128, 256) if m <= b), 512)
+
+
+def words_only(ps):
+    """The weight copies without their bit planes: the dispatch's M > 128 path then dequantizes the words."""
+    return [dict(q, plane0=None, plane1=None) for q in ps]
 
 
 def prepared(n, k, fraction, device, asym, seed=0):
@@ -170,9 +186,11 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="CPU dry run under TRITON_INTERPRET=1, timers stubbed")
     ap.add_argument("--outliers", action="store_true", help="only the 0.5%%-outlier epilogue variants (table config)")
     ap.add_argument("--wide", action="store_true", help="only M = 64, 128: the 4- / 8-warp candidates vs gemm_swap")
+    ap.add_argument("--large", action="store_true",
+                    help="only M = 256, 512: gemm_half2 candidates vs the words' dequant + cuBLAS")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    from quantease.kernels import gemm_half2, gemm_swap, gemv_half2
+    from quantease.kernels import gemm, gemm_half2, gemm_swap, gemv_half2
 
     t0 = time.time()
     device, shapes = "cuda", SHAPES
@@ -183,8 +201,9 @@ def main():
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.outliers:
         return outliers(args, time_kernel, time_fp16, rotate, device, shapes)
-    cands, ms = (WIDE, (64, 128)) if args.wide else (CANDS, MS)
-    check(device, shapes[:2], args.asym, cands, (64, 65, 128) if args.wide else MS)
+    cands, ms, check_ms = ((WIDE, (64, 128), (64, 65, 128)) if args.wide else
+                           (LARGE, (256, 512), (256, 257, 512)) if args.large else (CANDS, MS, MS))
+    check(device, shapes[:2], args.asym, cands, check_ms)
     print(f"[{time.time() - t0:.0f}s] weights: {'asymmetric' if args.asym else 'symmetric'}, 3-bit per channel",
           flush=True)
     f = open(os.path.join(args.out, "half2_gemm" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
@@ -195,13 +214,22 @@ def main():
     def row(n, k, m, frac, name, cfg, us, base):
         w.writerow([n, k, m, frac, name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
 
+    def swap(x, q, o):
+        return gemm_swap.qgemm_swap(x, q, None, o)
+
+    def dequant(x, q, o):
+        return gemm.dequant_matmul(x, q, None, o)
+
+    # the baseline: what the dispatch ran before (gemm_swap on the planes, uint8 zeros), or runs now (M > 128)
+    base_name, base_fn, base_copy = (("dequant", dequant, words_only) if args.large else
+                                     ("swap_table", swap, uint8_zeros))
     for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
-        p0u = uint8_zeros(p0)
+        p0u = base_copy(p0)
         for m in ms:
             base = time_fp16(n, k, m, fp16)
-            old = time_kernel(p0u, m, lambda x, q, o: gemm_swap.qgemm_swap(x, q, None, o))
+            old = time_kernel(p0u, m, base_fn)
             row(n, k, m, 0.0, "fp16", "", base, base)
-            row(n, k, m, 0.0, "swap_table", gemm_swap.pick_config(m), old, base)
+            row(n, k, m, 0.0, base_name, gemm_swap.pick_config(m) if base_fn is swap else "", old, base)
             res = []
             for cfg in cands[bucket(m)]:
                 try:
@@ -215,17 +243,18 @@ def main():
             us5 = time_kernel(p5, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o, cfg0))
             row(n, k, m, 0.005, "half2", cfg0, us5, base)
             swap5 = ""
-            if args.wide:  # gemm_swap with the outliers too (both add them by the ELL launch at BM >= 64)
-                p5u = uint8_zeros(p5)
-                old5 = time_kernel(p5u, m, lambda x, q, o: gemm_swap.qgemm_swap(x, q, None, o))
-                row(n, k, m, 0.005, "swap_table", gemm_swap.pick_config(m), old5, base)
-                swap5 = f" | swap 0.5% {old5:.1f}"
+            if args.wide or args.large:  # the baseline with the outliers too
+                p5u = base_copy(p5)
+                old5 = time_kernel(p5u, m, base_fn)
+                row(n, k, m, 0.005, base_name, gemm_swap.pick_config(m) if base_fn is swap else "", old5, base)
+                swap5 = f" | {base_name} 0.5% {old5:.1f}"
                 del p5u
             f.flush()
-            print(f"| {n}x{k} | {m} | fp16 {base:.1f} | swap {old:.1f} | half2 " + " ".join(f"{u:.1f}" for u, _ in res)
-                  + f" | best {cfg0} {us0:.1f} = {base / us0:.2f}x fp16, {old / us0:.2f}x swap | 0.5% {us5:.1f} "
+            print(f"| {n}x{k} | {m} | fp16 {base:.1f} | {base_name} {old:.1f} | half2 "
+                  + " ".join(f"{u:.1f}" for u, _ in res)
+                  + f" | best {cfg0} {us0:.1f} = {base / us0:.2f}x fp16, {old / us0:.2f}x {base_name} | 0.5% {us5:.1f} "
                   f"({us5 / us0 - 1:+.0%}){swap5} |", flush=True)
-        if args.wide:
+        if args.wide or args.large:
             del p0u
             continue
         # the GEMV on both word layouts (same codes), table configs

@@ -252,10 +252,12 @@ def plot_quant_time(qt_csv, png, note):
     qw = [float(r["quantize_weight_s"]) for r in rows]
     rest = [float(r["per_block_s"]) - q for r, q in zip(rows, qw)]
     ax.bar(names, qw, label="quantize_weight (7 linears)")
-    ax.bar(names, rest, bottom=qw, label="calibration forwards, block outputs, resume save")
+    ax.bar(names, rest, bottom=qw, label="Σ and calibration forwards, block outputs, waits on the resume save")
     for i, r in enumerate(rows):
-        ext = r.get("extrapolated_32_s")
-        label = f"{float(r['per_block_s']):.1f} s/block" + (f"\n32 blocks ~{float(ext) / 60:.1f} min" if ext else "")
+        meas, ext = r.get("measured_32_s"), r.get("extrapolated_32_s")
+        total = (f"\n32 blocks {float(meas) / 60:.1f} min (measured)" if meas else
+                 f"\n32 blocks ~{float(ext) / 60:.1f} min (extrapolated)" if ext else "")
+        label = f"{float(r['per_block_s']):.1f} s/block" + total
         ax.annotate(label, (i, float(r["per_block_s"])), textcoords="offset points", xytext=(0, 4), ha="center",
                     fontsize=8)
     ax.set_ylabel("seconds per Llama-3-8B-shape block")

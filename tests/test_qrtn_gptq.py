@@ -90,3 +90,87 @@ def test_gptq_dead_columns():
     r = quantize_weight(w, s, bits=3, method="rtn", clip=True)
     assert torch.equal(q.scale, r.scale)
     assert torch.equal(q.codes[:, 3], r.codes[:, 3])  # nothing flows into or out of a dead column
+
+
+GPTQ_TRITON_CHECK = """
+import sys, torch
+sys.path.insert(0, "tests")
+from qhelpers import make_layer
+from quantease.quantize import grid, gptq_triton
+from quantease.quantize.gptq import columns, hinv_cholesky
+# odd rows (a partial BM tile), K past a whole block and a partial one, per channel and act-order groups, 2-4 bits
+for n, k, gs, bits, seed in ((21, 150, -1, 3, 8), (37, 300, 64, 4, 9), (5, 129, -1, 2, 10), (16, 128, 32, 3, 11)):
+    w, s = make_layer(n, k, seed=seed, tokens=512)
+    perm = torch.argsort(torch.diagonal(s), descending=True)
+    scale, zero = grid.fit(w, bits, gs)
+    cs, cz = grid.expand(scale, k, gs)[:, perm], grid.expand(zero, k, gs)[:, perm]
+    wp = w[:, perm].contiguous()
+    u = hinv_cholesky(s[perm][:, perm], 0.01)
+    keep = wp.clone()
+    a = columns(wp.clone(), u, cs, cz, bits)
+    b = gptq_triton.columns(wp, u, cs, cz, bits)
+    assert torch.equal(a, b), (n, k, gs, bits, int((a != b).sum()))
+    assert torch.equal(wp, keep), "the kernel's form must leave w to the torch fallback untouched"
+print("ok")
+"""
+
+
+def test_gptq_triton_columns_match_torch_in_interpreter():
+    """The CUDA kernel's arithmetic, run by Triton's CPU interpreter, gives the torch loop's codes exactly."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-c", GPTQ_TRITON_CHECK], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton column sweep runs on CUDA tensors")
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_gptq_on_cuda_kernel_equals_torch_loop(group_size, monkeypatch):
+    # on the GPU the kernel may fuse the update's multiply-add (one rounding less): the same result up to that
+    w, s = make_layer(300, 1000, seed=3, tokens=4096)
+    w, s = w.cuda(), s.cuda()
+    codes, scale, zero = gptq(w, s, 3, group_size, act_order=True, clip=True)
+    monkeypatch.setenv("QUANTEASE_NO_TRITON", "1")
+    codes_t, scale_t, zero_t = gptq(w, s, 3, group_size, act_order=True, clip=True)
+    assert torch.equal(scale, scale_t) and torch.equal(zero, zero_t)
+    assert (codes != codes_t).float().mean() < 1e-3
+    f = f_of(w, grid.dequantize_tensor(codes, scale, zero, group_size), s)
+    f_t = f_of(w, grid.dequantize_tensor(codes_t, scale_t, zero_t, group_size), s)
+    assert abs(f - f_t) <= 1e-3 * f_t
+
+
+def test_triton_failure_falls_back_to_torch_once(monkeypatch):
+    from quantease.quantize import cd_triton
+
+    class OnCuda:
+        is_cuda = True
+
+    calls = []
+
+    def kernel(t):
+        calls.append("kernel")
+        raise RuntimeError("PTX compile failed")
+
+    def fallback(t):
+        calls.append("torch")
+        return "torch result"
+
+    monkeypatch.setattr(cd_triton, "available", lambda: True)
+    monkeypatch.setattr(cd_triton, "_broken", [])
+    with pytest.warns(UserWarning, match="Triton kernels unavailable .*PTX compile failed.*using torch"):
+        assert cd_triton.run(kernel, fallback, OnCuda()) == "torch result"
+    assert cd_triton.run(kernel, fallback, OnCuda()) == "torch result"  # no second try
+    assert calls == ["kernel", "torch", "torch"]
+
+    def oom(t):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cd_triton, "_broken", [])
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not the kernel's fault: the pipeline reports it
+        cd_triton.run(oom, fallback, OnCuda())
+    assert not cd_triton._broken

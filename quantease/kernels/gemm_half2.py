@@ -49,9 +49,13 @@ CONFIGS = {
     # H200, session 7 (kernels_half2.py --wide --asym; 4096^2 / 8192^2 / 28672x8192 / 8192x28672), against
     # gemm_swap's table on the planes: M = 64 13.5 / 40.0 / 128.4 / 101.5 us vs 17.2 / 54.7 / 198.1 / 187.8
     # ((64, 128, 8) 13.9 / 38.8 / 126.8 / 109.8; (64, 64, 4) 20.0 / 60.6 / 216.0 / 180.5); M = 128 (two 64-row
-    # tiles) 22.4 / 62.4 / 228.2 / 202.1 vs 26.7 / 88.2 / 328.8 / 284.8 ((128, 128, 8) 25.0 / 76.1 / 223.8 / 213.2)
+    # tiles) 22.4 / 62.4 / 228.2 / 202.1 vs 26.7 / 88.2 / 328.8 / 284.8 ((128, 128, 8) 25.0 / 76.1 / 223.8 / 213.2).
+    # Session 8 (same command): BN 256 at M = 128, (64, 256, 4) 18.5 / 52.5 / 162.7 / 136.8 us vs (64, 128, 8)
+    # 22.4 / 62.8 / 225.3 / 198.4 -- four HGMMA per wgmma wait and each x^T tile from shared memory used by twice the
+    # rows (sm_90 AOT: 255 registers + 8 B of stack); at M = 64 (64, 256, 8) 14.5 / 43.5 / 134.8 / 129.7 lost to
+    # (64, 128, 8) 13.5 / 39.3 / 126.2 / 110.3 ((64, 256, 4) not timed at M = 64).
     64: (64, 128, 4, 0, 2),
-    128: (64, 128, 8, 0, 2),
+    128: (64, 256, 4, 0, 2),
 }
 SPLIT_TARGET = 2048  # programs wanted for 1-warp configs (~16 warps per SM)
 SPLIT_TARGET_WARPS = 512  # for 4- / 8-warp configs (gemm_swap.SPLIT_TARGET_REGA)
@@ -69,7 +73,9 @@ MIN_M = 2
 # 4096^2 (OS 4: +21..+38% vs +33..+41%); no rule from two shapes: the table keeps OS 0.  The epilogue loop as
 # tl.range(num_stages=3): the same SASS (sm_90 AOT; its int16 idx loads are no cp.async candidates), not timed.
 # PRE (config element 8): a split's first PRE slots loaded before the K loop (AOT: the loads stay at the top), so
-# their gathers after it wait on no load -- prepared, not yet timed (benchmarks/kernel_notes.md, session 7).
+# their gathers after it wait on no load.  Session 8 (kernels_half2.py --asym --outliers, all four shapes, M = 2-32):
+# PRE 2 -6..+10 points against the table's cost (8192^2: +25..+46% vs +25..+37%), PRE 4 -7..+21: no gain, the table
+# keeps PRE 0.  The chain is not the idx load's latency alone (cf. the L2 prefetch of session 6).
 
 
 def pick_config(m):

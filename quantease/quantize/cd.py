@@ -11,11 +11,10 @@ sweep (grid.refit: least squares in the Sigma metric, integer zero, fp16 scale),
 rounds > 1 restart from GPTQ on the refitted grid (benchmarks/results/layer_quality.md has the gains).
 """
 import time
-import warnings
 
 import torch
 
-from quantease.quantize import grid
+from quantease.quantize import cd_triton, grid
 from quantease.quantize.gptq import gptq
 from quantease.quantize.rtn import rtn
 
@@ -75,20 +74,10 @@ def sweep_torch(target, q, codes, r, sig, invd, col_scale, col_zero, bits, block
     return changed
 
 
-_triton_broken = []
-
-
 def sweep(target, q, codes, r, sig, invd, col_scale, col_zero, bits, block=128):
     """One sweep: the Triton kernel on CUDA (one launch per block of columns), else torch."""
-    if q.is_cuda and not _triton_broken:
-        from quantease.quantize import cd_triton
-        if cd_triton.available():
-            try:
-                return cd_triton.sweep(target, q, codes, r, sig, invd, col_scale, col_zero, bits, block)
-            except Exception as e:  # a compile failure happens before any write: fall back once, loudly
-                _triton_broken.append(e)
-                warnings.warn(f"QuantEase Triton sweep unavailable ({type(e).__name__}: {e}); using torch")
-    return sweep_torch(target, q, codes, r, sig, invd, col_scale, col_zero, bits, block)
+    return cd_triton.run(cd_triton.sweep, sweep_torch, target, q, codes, r, sig, invd, col_scale, col_zero, bits,
+                         block)
 
 
 def run_cd(target, sig_d, lam, dead, q, codes, col_scale, col_zero, bits, sweeps, block=128, refit=None):

@@ -6,6 +6,7 @@ its [BM, B] slice of R in registers, and walks the B columns in order, updating 
 B x B diagonal block of Sigma.  After each block one GEMM brings the rest of R up to date.
 """
 import os
+import warnings
 
 import torch
 
@@ -21,6 +22,24 @@ BLOCK = 128   # columns per block (one launch)
 
 def available():
     return triton is not None and torch.cuda.is_available() and os.environ.get("QUANTEASE_NO_TRITON") != "1"
+
+
+_broken = []  # the first failure of a Triton form here: torch from then on
+
+
+def run(kernel, fallback, *args):
+    """kernel(*args) when args[0] is on CUDA and the Triton forms work here, else fallback(*args).  A kernel
+    that fails (a compile failure: before any write to the arguments) sends this and every later call to the
+    torch form, with one warning; running out of GPU memory is not a failure of the kernel and is raised."""
+    if args[0].is_cuda and available() and not _broken:
+        try:
+            return kernel(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            _broken.append(e)
+            warnings.warn(f"QuantEase Triton kernels unavailable ({type(e).__name__}: {e}); using torch")
+    return fallback(*args)
 
 
 if triton is not None:

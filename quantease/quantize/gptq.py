@@ -1,14 +1,15 @@
 """GPTQ (Frantar et al. 2022), after IST-DASLab/gptq: quantize columns in order, push each column's
 rounding error onto the not-yet-quantized columns through the Cholesky factor of Sigma^{-1}.
 
-Blocked lazy updates (block 128), relative damping, act-order, groups.  The format has no g_idx, so
+Blocked lazy updates (block 128), relative damping, act-order, groups.  On CUDA the sweep over the columns of
+a static grid is gptq_triton's kernel (one launch per block of columns); this file's torch loop defines it.  The format has no g_idx, so
 with act-order the groups are "static": fitted up front on the original column order.  Without
 act-order groups are fitted when the sweep reaches them, on the error-compensated weights.
 """
 import torch
 
 from quantease.errors import QuantEaseError
-from quantease.quantize import grid
+from quantease.quantize import cd_triton, grid, gptq_triton
 
 
 def hinv_cholesky(sigma, damp):
@@ -29,6 +30,31 @@ def hinv_cholesky(sigma, damp):
                 return u
         lam = max(lam * 10, 1e-6)
     raise QuantEaseError("Sigma is not positive definite even after damping; check the calibration data")
+
+
+def columns(w, hinv, col_scale, col_zero, bits, block=128, fit=None, group_size=-1):
+    """The column sweep (torch): quantize each column of w [N, K] (float32, updated in place) and push its error
+    onto the later ones through hinv, lazily per block of columns; -> float32 codes [N, K].  fit(j, cols): called
+    at each group's first column j with the group's current columns (it writes col_scale / col_zero there)."""
+    k = w.shape[1]
+    codes = torch.zeros_like(w)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if fit is not None and j % group_size == 0:
+                fit(j, torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size])
+            col = w1[:, i]
+            q = grid.quantize(col, col_scale[:, j], col_zero[:, j], bits)
+            codes[:, j] = q
+            e = (col - grid.dequantize(q, col_scale[:, j], col_zero[:, j])) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes
 
 
 def gptq(w, sigma, bits, group_size=-1, sym=False, damp=0.01, act_order=True, clip=False, block=128,
@@ -55,30 +81,16 @@ def gptq(w, sigma, bits, group_size=-1, sym=False, damp=0.01, act_order=True, cl
         w, sigma = w[:, perm], sigma[perm][:, perm]
         col_scale, col_zero = col_scale[:, perm], col_zero[:, perm]
     hinv = hinv_cholesky(sigma, damp)
-    codes = torch.zeros_like(w)
-
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not static and j % group_size == 0:
-                # fit on the current (error-compensated) weights of the group
-                cols = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group_size]
-                s, z = grid.fit(cols, bits, -1, sym, clip, col_weight=torch.diagonal(sigma)[j:j + cols.shape[1]])
-                gi = j // group_size
-                scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
-                col_scale[:, j:j + group_size] = s
-                col_zero[:, j:j + group_size] = z
-            col = w1[:, i]
-            q = grid.quantize(col, col_scale[:, j], col_zero[:, j], bits)
-            codes[:, j] = q
-            e = (col - grid.dequantize(q, col_scale[:, j], col_zero[:, j])) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if static:
+        codes = cd_triton.run(gptq_triton.columns, columns, w, hinv, col_scale, col_zero, bits, block)
+    else:
+        def fit(j, cols):  # group j // group_size, on the current (error-compensated) weights of its columns
+            s, z = grid.fit(cols, bits, -1, sym, clip, col_weight=torch.diagonal(sigma)[j:j + cols.shape[1]])
+            gi = j // group_size
+            scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+            col_scale[:, j:j + group_size] = s
+            col_zero[:, j:j + group_size] = z
+        codes = columns(w, hinv, col_scale, col_zero, bits, block, fit, group_size)
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
