@@ -7,11 +7,11 @@
 
 --resume keeps --work between calls: the same line, run again on the same (warm) machine, reuses the model and
 continues a method cut by the deadline at the pipeline's last saved block; the method's time is then the sum of
-its calls (each resume pays one more model load and calibration capture, ~15-20 s on the H200).  Estimate for the
-whole 8B shape with quantease on an H200: ~100 s to make the model + 32 x 31 s + ~20 s per call = ~3 device calls.
+its calls (each resume pays one more model load and calibration capture, ~15-20 s on the H200).  Session 8 (H200):
+the whole 8B shape took 30 s to make, then quantease 755 s over 2 calls and gptq 370 s over 2 (results/throughput.md).
 
-A full 8B run per method does not fit the device budget, so the model is the Llama-3-8B architecture cut to
---blocks decoder blocks (same embeddings, lm_head and block shapes; synthetic random weights, made where it
+With --blocks below 32 (a quick run: a whole 8B run per method takes one or two device calls), the model is the
+Llama-3-8B architecture cut to --blocks decoder blocks (same embeddings, lm_head and block shapes; synthetic random weights, made where it
 runs) and the 32-block time is EXTRAPOLATED: fixed part (load, calibration, checkpoint write, measured on the
 cut model) + 32 x the mean per-block time (blocks after the first when there are several: the first one also
 pays one-off kernel compiles).  Calibration: nsamples x seqlen random token ids, fed through the pipeline's own

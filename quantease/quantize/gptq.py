@@ -1,10 +1,11 @@
 """GPTQ (Frantar et al. 2022), after IST-DASLab/gptq: quantize columns in order, push each column's
 rounding error onto the not-yet-quantized columns through the Cholesky factor of Sigma^{-1}.
 
-Blocked lazy updates (block 128), relative damping, act-order, groups.  On CUDA the sweep over the columns of
-a static grid is gptq_triton's kernel (one launch per block of columns); this file's torch loop defines it.  The format has no g_idx, so
+Blocked lazy updates (block 128), relative damping, act-order, groups.  The format has no g_idx, so
 with act-order the groups are "static": fitted up front on the original column order.  Without
 act-order groups are fitted when the sweep reaches them, on the error-compensated weights.
+On CUDA the column sweep of a static grid is gptq_triton's kernel (one launch per block of columns);
+`columns` here, the torch loop, defines it and runs everywhere else.
 """
 import torch
 

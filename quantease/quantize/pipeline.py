@@ -353,7 +353,8 @@ def add_xtx(sigma, a, b):
     if a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
         if not _mm_out_dtype:
             try:
-                torch.mm(a[:1].t(), b[:1], out_dtype=torch.float32)
+                one = torch.ones(1, 1, dtype=a.dtype, device=a.device)
+                torch.mm(one, one, out_dtype=torch.float32)
                 _mm_out_dtype.append(True)
             except (TypeError, RuntimeError, NotImplementedError):  # older torch: no out_dtype
                 _mm_out_dtype.append(False)
