@@ -11,16 +11,18 @@ its calls (each resume pays one more model load and calibration capture, ~15-20 
 the whole 8B shape took 30 s to make, then quantease 755 s over 2 calls and gptq 370 s over 2 (results/throughput.md).
 
 With --blocks below 32 (a quick run: a whole 8B run per method takes one or two device calls), the model is the
-Llama-3-8B architecture cut to --blocks decoder blocks (same embeddings, lm_head and block shapes; synthetic random weights, made where it
-runs) and the 32-block time is EXTRAPOLATED: fixed part (load, calibration, checkpoint write, measured on the
-cut model) + 32 x the mean per-block time (blocks after the first when there are several: the first one also
-pays one-off kernel compiles).  Calibration: nsamples x seqlen random token ids, fed through the pipeline's own
---calib path as a text of words of a word-level tokenizer whose vocabulary is the model's (token i = "t<i>").
+Llama-3-8B architecture cut to --blocks decoder blocks (same embeddings, lm_head and block shapes; synthetic random
+weights, made where it runs) and the 32-block time is EXTRAPOLATED: fixed part (load, calibration, checkpoint
+write, measured on the cut model) + 32 x the mean per-block time (blocks after the first when there are several:
+the first one also pays one-off kernel compiles). Calibration: nsamples x seqlen random token ids, fed through the
+pipeline's own --calib path as a text of words of a word-level tokenizer whose vocabulary is the model's (token i =
+"t<i>").
 
 Each method runs `quantize_model` (the CLI's Python API) in its own process; a block's wall time runs from its
 quantize_block to the next block's (Σ accumulation + quantization + block outputs, and any wait for the previous
 block's resume state, which the pipeline saves on a thread beside the next block), per-layer quantize_weight
-seconds from the checkpoint report, peak GPU memory from torch.cuda.max_memory_allocated.  A method cut short by --deadline keeps the blocks it finished.
+seconds from the checkpoint report, peak GPU memory from torch.cuda.max_memory_allocated. A method cut short by
+--deadline keeps the blocks it finished.
 """
 import argparse
 import csv
