@@ -15,3 +15,17 @@ def make_layer(n=16, k=48, tokens=256, seed=0, corr=0.3):
 def f_of(w, wq, sigma):
     e = (w - wq).double()
     return float(((e @ sigma.double()) * e).sum())
+
+
+def run_interpreted(script):
+    """Run a check script in a fresh process under Triton's CPU interpreter (it must be set before triton is
+    imported); passes when the script prints ok."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from qhelpers import f_of, make_layer
+from qhelpers import f_of, make_layer, run_interpreted
 from quantease.quantize import grid, quantize_weight
 from quantease.quantize.cd import prepare_sigma, sweep_torch
 
@@ -150,12 +150,5 @@ print("ok")
 
 def test_triton_sweep_matches_torch_in_interpreter():
     """The CUDA kernel's arithmetic, run by Triton's CPU interpreter, equals the torch sweep."""
-    import os
-    import subprocess
-    import sys
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    res = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    run_interpreted(TRITON_CHECK)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qhelpers import f_of, make_layer
+from qhelpers import f_of, make_layer, run_interpreted
 from quantease.quantize import grid, quantize_weight
 from quantease.quantize.gptq import gptq
 from quantease.quantize.rtn import rtn
@@ -117,15 +117,8 @@ print("ok")
 
 def test_gptq_triton_columns_match_torch_in_interpreter():
     """The CUDA kernel's arithmetic, run by Triton's CPU interpreter, gives the torch loop's codes exactly."""
-    import os
-    import subprocess
-    import sys
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    res = subprocess.run([sys.executable, "-c", GPTQ_TRITON_CHECK], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    run_interpreted(GPTQ_TRITON_CHECK)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton column sweep runs on CUDA tensors")
