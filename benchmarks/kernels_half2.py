@@ -62,8 +62,11 @@ def bucket(m):
 
 
 def words_only(ps):
-    """The weight copies without their bit planes: the dispatch's M > 128 path then dequantizes the words."""
-    return [dict(q, plane0=None, plane1=None) for q in ps]
+    """The weight copies without their bit planes (as prepare_weights leaves them on CUDA): the dispatch's M > 128
+    path then dequantizes the words."""
+    from quantease.kernels.prepare import drop_planes
+
+    return [drop_planes(dict(q)) for q in ps]
 
 
 def prepared(n, k, fraction, device, asym, seed=0):

@@ -224,25 +224,21 @@ def test_a_failed_save_is_one_line_and_the_last_committed_block_stays(work, tmp_
     assert json.loads((tmp_path / "q.partial/state.json").read_text())["next_block"] == 1
 
 
-def test_block_saver_joins_and_reports():
+def test_block_saver_joins_and_reports(monkeypatch):
     done = []
     saver = pipeline.BlockSaver("nowhere")
-    real = pipeline.save_block
-    try:
-        pipeline.save_block = lambda pdir, i: done.append((pdir, i))
-        saver.submit(0)
-        saver.submit(1)  # waits for save 0 first
+    monkeypatch.setattr(pipeline, "save_block", lambda pdir, i: done.append((pdir, i)))
+    saver.submit(0)
+    saver.submit(1)  # waits for save 0 first
+    saver.wait()
+    assert done == [("nowhere", 0), ("nowhere", 1)] and saver.thread is None
+    monkeypatch.setattr(pipeline, "save_block", lambda pdir, i: 1 / 0)
+    saver.submit(2)
+    saver.wait(check=False)  # an error of the caller's is on its way: this one is dropped
+    saver.submit(3)
+    with pytest.raises(QuantEaseError, match="could not save the resume state in nowhere: division by zero"):
         saver.wait()
-        assert done == [("nowhere", 0), ("nowhere", 1)] and saver.thread is None
-        pipeline.save_block = lambda pdir, i: 1 / 0
-        saver.submit(2)
-        saver.wait(check=False)  # an error of the caller's is on its way: this one is dropped
-        saver.submit(3)
-        with pytest.raises(QuantEaseError, match="could not save the resume state in nowhere: division by zero"):
-            saver.wait()
-        saver.wait()  # reported once
-    finally:
-        pipeline.save_block = real
+    saver.wait()  # reported once
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
