@@ -13,6 +13,7 @@ device command:
 3. GEMV (M = 1, 2): gemv_half2's table config on words at Q = 4 (the layout it was tuned on) and at Q = 8 (the
    layout shared with gemm_half2), same weights.
 --outliers: only the 0.5%-outlier epilogue variants of the table config (see outliers()).
+--regs: the table config at 0% and 0.5% with ptxas register caps (config element NREG, see regs()).
 """
 import argparse
 import csv
@@ -181,6 +182,58 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
 
 
+# --regs (session 9): register caps per M bucket.  sm_90 AOT (triton 3.6, asymmetric per channel): (16, 64, 1)
+# 168 registers (12 warps per SM), 194 with the outlier epilogue (10 warps); capped at 168 / 136 / 128 (12 / 15 / 16
+# warps): 8-16 / 32-48 / 72-80 B of stack.  (32, 64, 1) 255 (8 warps), 216 / 200 (9 / 10 warps): no stack without
+# outliers, 88 / 128 B with.  (64, 128, 4) 158 (3 programs per SM), 128: 16 B of stack (4 programs).
+NREGS = {16: (None, 168, 136, 128), 32: (None, 216, 200), 64: (None, 128)}
+
+
+def regs(args, time_kernel, time_fp16, rotate, device, shapes):
+    """--regs: does the latency-bound K loop gain from more warps per SM, and is the outlier epilogue's cost its
+    registers (194 vs 168 at (16, 64, 1): 10 instead of 12 warps per SM)?  The table config at each register cap,
+    0% and 0.5% outliers (each variant checked against the uncapped config first)."""
+    from quantease.kernels import gemm_half2, gemv_half2
+
+    f = open(os.path.join(args.out, "half2_regs" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
+    w = csv.writer(f)
+    w.writerow(["n", "k", "m", "fraction", "nreg", "config", "us", "fp16_us", "speedup_vs_fp16"])
+    fp16, t0 = {}, time.time()
+    for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
+        for m in (2, 4, 16, 32, 64):
+            base = time_fp16(n, k, m, fp16)
+            tab = tuple(gemm_half2.pick_config(m))
+            cells = []
+            for nreg in NREGS[bucket(m)]:
+                cfg = tab[:5] + (None, 0, 0, nreg)
+                agree(p5[0], m, tab, cfg, f"nreg {nreg}")
+                us = [time_kernel(ps, m, lambda x, q, o, c=cfg: gemm_half2.qgemm_half2(x, q, None, o, c))
+                      for ps in (p0, p5)]
+                for frac, u in zip((0.0, 0.005), us):
+                    w.writerow([n, k, m, frac, nreg or 0, str(cfg), f"{u:.2f}", f"{base:.2f}", f"{base / u:.3f}"])
+                cells.append(f"{nreg or 'auto'}: {us[0]:.1f} / {us[1]:.1f} ({us[1] / us[0] - 1:+.0%})")
+            # the outliers after the (uncapped) GEMM instead of in its epilogue: one ELL program per column block,
+            # or the split kernel's many short programs
+            for path in ("ell", "split"):
+                u = time_kernel(p5, m, lambda x, q, o, c=tab, pa=path: gemm_half2.qgemm_half2(
+                    x, q, None, o, c, outlier_path=pa))
+                w.writerow([n, k, m, 0.005, 0, f"{tab} {path}", f"{u:.2f}", f"{base:.2f}", f"{base / u:.3f}"])
+                cells.append(f"{path}: {u:.1f}")
+            f.flush()
+            print(f"| {n}x{k} | {m} | fp16 {base:.1f} | 0% / 0.5%: " + ", ".join(cells) + " |", flush=True)
+        # M = 1, the half2 GEMV: (8, 8, 1) 188 registers, 255 + 8 B of stack with the outliers' early slots (8 / 10
+        # warps per SM); capped at 192 with outliers: 64 B of stack (10 warps)
+        base, cells = time_fp16(n, k, 1, fp16), []
+        for nreg in (None, 192):
+            us = [time_kernel(ps, 1, lambda x, q, o, r=nreg: gemv_half2.qgemv_half2(
+                x, gemv_half2.cached_layout(q), None, o, nreg=r)) for ps in (p0, p5)]
+            for frac, u in zip((0.0, 0.005), us):
+                w.writerow([n, k, 1, frac, nreg or 0, "gemv", f"{u:.2f}", f"{base:.2f}", f"{base / u:.3f}"])
+            cells.append(f"{nreg or 'auto'}: {us[0]:.1f} / {us[1]:.1f} ({us[1] / us[0] - 1:+.0%})")
+        print(f"| {n}x{k} | 1 (GEMV) | fp16 {base:.1f} | 0% / 0.5%: " + ", ".join(cells) + " |", flush=True)
+    print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -188,6 +241,7 @@ def main():
     ap.add_argument("--deadline", type=float, default=400.0, help="seconds after which no new shape is started")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run under TRITON_INTERPRET=1, timers stubbed")
     ap.add_argument("--outliers", action="store_true", help="only the 0.5%%-outlier epilogue variants (table config)")
+    ap.add_argument("--regs", action="store_true", help="only the table config under register caps (NREG)")
     ap.add_argument("--wide", action="store_true", help="only M = 64, 128: the 4- / 8-warp candidates vs gemm_swap")
     ap.add_argument("--large", action="store_true",
                     help="only M = 256, 512: gemm_half2 candidates vs the words' dequant + cuBLAS")
@@ -204,6 +258,8 @@ def main():
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.outliers:
         return outliers(args, time_kernel, time_fp16, rotate, device, shapes)
+    if args.regs:
+        return regs(args, time_kernel, time_fp16, rotate, device, shapes)
     cands, ms, check_ms = ((WIDE, (64, 128), (64, 65, 128)) if args.wide else
                            (LARGE, (256, 512), (256, 257, 512)) if args.large else (CANDS, MS, MS))
     check(device, shapes[:2], args.asym, cands, check_ms)

@@ -160,3 +160,19 @@ def test_cuda_graph_capture(m):
     graph.replay()
     torch.cuda.synchronize()
     check(out, ref, torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ("fused", "ell", "split"))
+@pytest.mark.parametrize("m", (2, 16, 37))
+def test_outlier_paths(path, m):
+    """The three places the outliers can be added (epilogue, ell_add after, ell_split_add after) give the same y."""
+    w, p, x, b, out = make(50, 900, -1, 0.05, False, m, torch.float16, True, seed=m)
+    y = gemm_half2.qgemm_half2(x, p, b, out, outlier_path=path)
+    check(y, reference64(x, w, 3, -1, 900, b), torch.float16)
+
+
+def test_outlier_path_rejected():
+    w, p, x, b, out = make(16, 256, -1, 0.05, False, 2, torch.float16, False)
+    with pytest.raises(QuantEaseError, match="outlier_path"):
+        gemm_half2.qgemm_half2(x, p, b, out, outlier_path="later")

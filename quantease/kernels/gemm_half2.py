@@ -32,10 +32,10 @@ import triton.language as tl
 
 from quantease.errors import QuantEaseError
 from quantease.kernels import gemm_swap
-from quantease.kernels.outliers import ell_add
+from quantease.kernels.outliers import ell_add, ell_split_add
 from quantease.kernels.prepare import has_q8_words
 
-# (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE]]]]) by M bucket (see qgemm_half2); SPLIT_K 0:
+# (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG]]]]]) by M bucket (see qgemm_half2); SPLIT_K 0:
 # gemm_swap.pick_split to SPLIT_TARGET programs.  H200, session 6 (benchmarks/kernels_half2.py --asym,
 # results/kernels_half2.md): the software-pipelined loop (PIPE 2: the next block's words and x tiles by cp.async,
 # one wait per block) against the plain one (a chain of 16 x-tile L2 round trips per block, each behind the previous
@@ -297,9 +297,9 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
     gemm_swap.store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
 
 
-def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False):
+def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False, outlier_path=None):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
-    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE]]]]) overrides the table:
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG]]]]]) overrides the table:
       SPLIT_K  0: auto (gemm_swap.pick_split)
       PIPE     the K loop software-pipelined that deep; None / 1: plain loads
       BR       outlier slots per epilogue step; 0 / None: from gemm_swap.BR_ELEMS
@@ -307,7 +307,12 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
                0 / None: the outliers in the K splits' epilogues
       PRE      (a power of 2) each split's first PRE slot indices and values loaded before the K loop, so that
                their gathers after it wait on no load, the rest as before; 0 / None: none
-    outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only."""
+      NREG     registers per thread at most (ptxas maxnreg, CUDA only): more warps per SM for the latency-bound
+               K loop, at the price of spills; 0 / None: ptxas' choice
+    outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only.
+    outlier_path: "fused" (the epilogue), "ell" (outliers.ell_add after the GEMM), "split" (outliers.ell_split_add
+    after it: many short programs, the GEMM keeps its registers); None: fused up to gemm_swap.FUSED_MAX_BM rows
+    per tile, else ell."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
                              "(gemv_half2.add_layout: per channel or groups of a multiple of 256); got "
@@ -321,13 +326,18 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     br = cfg[5] if len(cfg) > 5 else None
     os_ = (cfg[6] if len(cfg) > 6 else 0) or 0
     pre = (cfg[7] if len(cfg) > 7 else 0) or 0
+    nreg = (cfg[8] if len(cfg) > 8 else 0) or 0
     if split == 0:
         split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET if warps == 1 else SPLIT_TARGET_WARPS)
     split, bps = gemm_swap.split_blocks(k, split)
     words = p["words"].view(torch.int16)
     zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
     # outliers in the epilogue up to gemm_swap.FUSED_MAX_BM rows per tile, else the ELL launch after the GEMM
-    fused = oi is not None and (bm <= gemm_swap.FUSED_MAX_BM or outliers_only)
+    if outlier_path not in (None, "fused", "ell", "split"):
+        raise QuantEaseError(f"outlier_path {outlier_path!r} is not one of None, 'fused', 'ell', 'split'")
+    if outlier_path is None:
+        outlier_path = "fused" if bm <= gemm_swap.FUSED_MAX_BM or outliers_only else "ell"
+    fused = oi is not None and outlier_path == "fused"
     r = oi.shape[1] if fused else 0
     os_ = os_ if r > 0 and not outliers_only else 0
     xt, sxt, sxtm = gemm_swap.epilogue_x(x, n, r, gather_x)
@@ -346,7 +356,10 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
         HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split + os_ > 1, ATOMIC=x.is_cuda,
         BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 else 0,
-        num_warps=warps, num_stages=1)
-    if oi is not None and not fused:
+        num_warps=warps, num_stages=1, **({"maxnreg": nreg} if nreg and x.is_cuda else {}))
+    if oi is not None and outlier_path == "ell":
         ell_add(x, oi, ov, out)
+    elif oi is not None and outlier_path == "split":
+        xt_copy = None if gemm_swap.pick_gather_x(m, n, oi.shape[1]) else x.t().contiguous()
+        ell_split_add(x, oi, ov, out, xt=xt_copy)
     return out

@@ -40,13 +40,14 @@ from quantease.kernels.prepare import half2_from_prepared, half2_supported, half
 from quantease.kernels.gemv import ell_rows
 
 # Configs: (BN, blocks of 32 Q columns per K step, num_warps[, stages[, prefetch depth[, lead[, pin[, cg[, xhint
-# [, pipe]]]]]]]);
+# [, pipe[, nreg]]]]]]]]);
 # stages default 3 (triton's default: no effect here, the loads are register-prefetched), prefetch depth 1 (the
 # next step's words are loaded before this step's math -- in the source: ptxas sinks them to ~70% of the step's
 # SASS unless pin), lead 0 (no cache hints; else L2 prefetch of step t + lead at the loop's top), pin False (a
 # barrier after each step's register loads keeps them at the top: 158 -> 252 registers at (8, 16, 1)), cg False
 # (weights through L1), xhint False (no L1 prefetch of the next step's x), pipe 1 (no cp.async pipeline; > 1 with
-# prefetch 0: the loop's loads go to shared memory pipe - 1 steps ahead); see qgemv_half2.
+# prefetch 0: the loop's loads go to shared memory pipe - 1 steps ahead), nreg 0 (ptxas' register count; else a
+# cap, CUDA only); see qgemv_half2.
 # Chosen ahead per shape from the H100 sweep (benchmarks/gemv_sweep.py,
 # benchmarks/results/kernels_gemv.md); no autotuning at call time (CUDA-graph capture, torch.compile).
 #   M = 1: 1-warp programs of 8 rows x 16 blocks (2048 columns per step for Q = 4) were best or within 4% on 8 of
@@ -574,7 +575,7 @@ def _pairs_ready(x):
 
 
 def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_outliers=None, lead=None, level=2,
-                pin=None, cg=None, xhint=None, pipe=None):
+                pin=None, cg=None, xhint=None, pipe=None, nreg=None):
     """x [M, K] fp16/bf16, prepare_half2's dict p, bias [N] | None, out [M, N] -> out.  Any M (rows of x are
     split into programs of <= 4); meant for M <= ops.GEMV_MAX_M.  config None: pick_config's table for this
     (M, N, K); prefetch (0 / False, 1 / True, 2 steps ahead) overrides the config's depth.  early_outliers: load
@@ -587,7 +588,8 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     off).  cg: the weight loads skip L1 (.cg); xhint: L1 prefetch of the next step's x at the loop's top (CUDA
     only); None: the config's 8th / 9th element, else off.  pipe: software-pipeline depth of the K loop's loads
     (cp.async into shared memory, triton's pipeliner; needs prefetch 0; None: the config's 10th element, else 1 =
-    plain loads)."""
+    plain loads).  nreg: registers per thread at most (ptxas maxnreg; None: the config's 11th element, else
+    ptxas' choice): more warps per SM at the price of spills (CUDA only)."""
     if "words" not in p:
         raise QuantEaseError("qgemv_half2 needs prepare_half2's layout (got a dict without 'words')")
     if not half2_supported(p["bits"], p["group_size"]):
@@ -613,6 +615,7 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     cg = bool(cg) if cg is not None else (bool(rest[4]) if len(rest) > 4 else False)
     xhint = bool(xhint) if xhint is not None else (bool(rest[5]) if len(rest) > 5 else False)
     pipe = int(pipe) if pipe is not None else (rest[6] if len(rest) > 6 else 1)
+    nreg = int(nreg) if nreg is not None else (rest[7] if len(rest) > 7 else 0)
     if pipe < 1 or (pipe > 1 and depth != 0):
         raise QuantEaseError(f"pipe={pipe!r}: a pipeline depth >= 1, and > 1 only with prefetch 0 (the pipeliner "
                              f"replaces the register prefetch)")
@@ -640,5 +643,6 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
         CG=cg, XHINT=xhint and x.is_cuda and asm, PIPE=pipe, XL=triton.next_power_of_2(max(1, 16 * q * bkb // 32)),
         LINES=triton.next_power_of_2(triton.cdiv(3 * q * bkb * 4, 128) + 1),
         Q=q, GB=max(1, p["group_size"] // (32 * q)),  # blocks per group (1 for groups of 32, 64, 128)
-        BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps, num_stages=stages)
+        BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps, num_stages=stages,
+        **({"maxnreg": nreg} if nreg and x.is_cuda else {}))
     return out
