@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --check --sweep --bench --out $OUT
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --variant half2 --out $OUT   # GEMV v1 vs v2, M <= 4
-    python benchmarks/kernels.py --plot benchmarks/results/kernels.csv --note "H200, 2026-12-02"   # matplotlib
+    python benchmarks/kernels.py --plot benchmarks/results/kernels.csv --note "H100, 2026-12-07"   # matplotlib
 
 Timing: every variant is captured in a CUDA graph that calls it once per weight copy, the copies rotating over
 >= 512 MB so that L2 (50 MB) is cold; median over graph replays, divided by the copies per replay.

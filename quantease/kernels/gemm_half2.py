@@ -1,4 +1,4 @@
-"""GEMM v6 (batched decode, M = 2..128): swap-AB on the half2 words, two weights per LOP3.
+"""GEMM v6 (batched decode, M = 2..256): swap-AB on the half2 words, two weights per LOP3.
 
 Reads the half2 layout of kernels/prepare.py with Q = 8 words per role (per channel, or groups of a multiple of
 256 columns): for role r and code slot j (0..4) the 8 role words of a 256-column block hold the column pairs
@@ -13,7 +13,7 @@ holds (two consecutive k of a row).  So for every slot s of every block:
 
 A dot in a 1-warp program (M <= 32) is mma.sync (HMMA.16816), the operands in registers: the role tiles take one
 pass through shared memory per block (ldmatrix into the fragment layout), and so do the x^T tiles.  With 4 or 8
-warps (M = 33..128) it is a wgmma whose A operand is the unpacked tile in registers (x^T from shared memory).
+warps (M = 33..256) it is a wgmma whose A operand is the unpacked tile in registers (x^T from shared memory).
 sm_90 AOT (triton 3.6), K loop per 256-column block at BN = 32: 607 instructions for 8192 weights, against 1345
 for gemm_swap.py's 1-warp loop on the bit planes (its unpack is 2 LOP3 + FADD + half an F2FP per weight).  The loop is
 software-pipelined (PIPE 2, triton's pipeliner: the next block's role tiles and 16 x tiles as cp.async copies, one
@@ -56,6 +56,12 @@ CONFIGS = {
     # (64, 128, 8) 13.5 / 39.3 / 126.2 / 110.3 ((64, 256, 4) not timed at M = 64).
     64: (64, 128, 4, 0, 2),
     128: (64, 256, 4, 0, 2),
+    # M = 129-256: H100, session 9 (kernels_half2.py --large --asym), (64, 256, 4) against the dispatch's old path,
+    # the words' dequant + cuBLAS, at M = 256: 31.0 / 85.6 / 299.7 / 253.6 us vs 35.2 / 126.7 / 428.0 / 417.7
+    # ((128, 256, 8) 34.1 / 105.0 / 319.5 / 310.4); with 0.5% outliers (ell_add after it) 48.9 / 120.4 / 378.9 / 380.0
+    # vs 40.1 / 134.9 / 459.8 / 490.9.  At M = 512 level with the dequant path at 0% (1.01-1.04x faster on the big
+    # shapes), 1.2-1.7x slower with outliers: M > 256 stays on the dequant path.
+    256: (64, 256, 4, 0, 2),
 }
 SPLIT_TARGET = 2048  # programs wanted for 1-warp configs (~16 warps per SM)
 SPLIT_TARGET_WARPS = 512  # for 4- / 8-warp configs (gemm_swap.SPLIT_TARGET_REGA)
