@@ -143,6 +143,14 @@ def agree(p, m, ref_cfg, cfg, name):
         print(f"  MISMATCH {name} {cfg} M={m}: relative {err:.1e} to the table config", flush=True)
 
 
+def open_csv(args, stem, columns):
+    """OUT/stem[_asym].csv opened for the rows of one mode, its header written: (file, csv writer)."""
+    f = open(os.path.join(args.out, stem + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
+    w = csv.writer(f)
+    w.writerow(["n", "k", "m", "fraction"] + columns + ["config", "us", "fp16_us", "speedup_vs_fp16"])
+    return f, w
+
+
 def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR 4 slots per step,
     OS = 1 / 2 / 4 outlier-only programs per weight tile beside the K splits (scheduled first), PRE = 2 / 4 slots
@@ -152,9 +160,7 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     first, steps unrolled in commit c31b07b; results/kernels_half2.md)."""
     from quantease.kernels import gemm_half2
 
-    f = open(os.path.join(args.out, "half2_outliers" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
-    w = csv.writer(f)
-    w.writerow(["n", "k", "m", "fraction", "variant", "config", "us", "fp16_us", "speedup_vs_fp16"])
+    f, w = open_csv(args, "half2_outliers", ["variant"])
     fp16, t0 = {}, time.time()
     for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
         for m in (2, 4, 8, 16, 32):
@@ -195,9 +201,7 @@ def regs(args, time_kernel, time_fp16, rotate, device, shapes):
     0% and 0.5% outliers (each variant checked against the uncapped config first)."""
     from quantease.kernels import gemm_half2, gemv_half2
 
-    f = open(os.path.join(args.out, "half2_regs" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
-    w = csv.writer(f)
-    w.writerow(["n", "k", "m", "fraction", "nreg", "config", "us", "fp16_us", "speedup_vs_fp16"])
+    f, w = open_csv(args, "half2_regs", ["nreg"])
     fp16, t0 = {}, time.time()
     for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
         for m in (2, 4, 16, 32, 64):
@@ -265,9 +269,7 @@ def main():
     check(device, shapes[:2], args.asym, cands, check_ms)
     print(f"[{time.time() - t0:.0f}s] weights: {'asymmetric' if args.asym else 'symmetric'}, 3-bit per channel",
           flush=True)
-    f = open(os.path.join(args.out, "half2_gemm" + ("_asym" if args.asym else "") + ".csv"), "w", newline="")
-    w = csv.writer(f)
-    w.writerow(["n", "k", "m", "fraction", "variant", "config", "us", "fp16_us", "speedup_vs_fp16"])
+    f, w = open_csv(args, "half2_gemm", ["variant"])
     fp16 = {}
 
     def row(n, k, m, frac, name, cfg, us, base):

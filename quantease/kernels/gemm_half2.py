@@ -365,7 +365,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         num_warps=warps, num_stages=1, **({"maxnreg": nreg} if nreg and x.is_cuda else {}))
     if oi is not None and outlier_path == "ell":
         ell_add(x, oi, ov, out)
-    elif oi is not None and outlier_path == "split":
-        xt_copy = None if gemm_swap.pick_gather_x(m, n, oi.shape[1]) else x.t().contiguous()
-        ell_split_add(x, oi, ov, out, xt=xt_copy)
+    elif oi is not None and outlier_path == "split":  # gathers from x or x^T by the epilogue's own rule
+        src = gemm_swap.epilogue_x(x, n, oi.shape[1], gather_x)[0]
+        ell_split_add(x, oi, ov, out, xt=None if src is x else src)
     return out
