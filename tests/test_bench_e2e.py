@@ -132,3 +132,22 @@ def test_quant_time_whole_model_is_measured():
     row = quant_time.summarize(res, quant_time.FULL_BLOCKS, "128 x 2048")
     assert row["measured_32_s"] == 400.0 and row["calls"] == 2
     assert "MEASURED (2 call(s))" in quant_time.table([row])
+
+
+def test_kernel_kinds_and_per_step_time():
+    """The profile's kinds (first match wins: our kernels before any generic 'gemm') and the 1-token run's kernels
+    subtracted from the (1 + N)-token run's, per step."""
+    names = {"qgemv_half2_kernel": "quantease", "qgemm_half2_kernel": "quantease", "ell_add_kernel": "quantease",
+             "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTT": "fp16 GEMM (lm_head)",
+             "sm90_xmma_gemm_f16f16_f16f32": "fp16 GEMM (lm_head)",
+             "void flash::FlashAttnFwdSm90<...>": "attention",
+             "fused_add_rms_norm_kernel<c10::Half>": "norm / act / rope",
+             "triton_poi_fused_mul_silu_0": "norm / act / rope",
+             "void at::native::vectorized_elementwise_kernel": "other"}
+    for name, kind in names.items():
+        assert throughput.kernel_kind(name) == kind, name
+    first = {"qgemv_half2_kernel": 10.0, "rms_norm_kernel": 2.0, "flash_fwd_prefill": 50.0}
+    whole = {"qgemv_half2_kernel": 410.0, "rms_norm_kernel": 42.0, "flash_fwd_prefill": 50.0, "argmax": 4.0}
+    per, kinds = throughput.per_step(first, whole, 4)
+    assert per == {"qgemv_half2_kernel": 100.0, "rms_norm_kernel": 10.0, "flash_fwd_prefill": 0.0, "argmax": 1.0}
+    assert kinds == {"quantease": 100.0, "norm / act / rope": 10.0, "attention": 0.0, "other": 1.0}

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from quantease.errors import QuantEaseError
-from quantease.kernels import gemm_swap
+from quantease.kernels import gemm_swap, pdl
 from quantease.kernels.outliers import ell_add, ell_split_add
 from quantease.kernels.prepare import has_q8_words
 
@@ -228,6 +228,19 @@ def _add_slots_ahead(acc, pidx, pval, pmask, xt_ptr, offs_m, mask_m, stride_xt, 
 
 
 @triton.jit
+def _prefetch_l2(w_ptr, offs_n, N, stride_w, blk0, blk1, PF: tl.constexpr):
+    """L2 prefetch (no registers held, CUDA only) of blocks blk0 .. blk0 + PF - 1 (those < blk1) of the rows'
+    words: the first and last int16 of each row's 96-byte run of a block (two 128-byte lines at most)."""
+    rows = w_ptr + tl.minimum(offs_n, N - 1)[:, None] * stride_w
+    ends = tl.arange(0, 2) * 47
+    for b in tl.static_range(PF):
+        blk = tl.where(blk0 + b < blk1, blk0 + b, 0)  # past the split's range: block 0 again (harmless)
+        addr = (rows + blk * 48 + ends[None, :]).to(tl.int64, bitcast=True)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr, ov_ptr,
                        M, N, K, R, group_size, blocks_per_split,
                        stride_xm, stride_xt, stride_xtm, stride_ym, stride_w, stride_s, stride_z, stride_oi,
@@ -235,10 +248,11 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
                        ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
-                       OS: tl.constexpr, PRE: tl.constexpr):
+                       OS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):
     # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel.  OS > 0: axis-1 programs
     # 0 .. OS - 1 of each tile add only the outliers (a share of the slots each, no K blocks), the others are the K
     # splits; OS = 0: every split adds a share in its epilogue
+    pdl.start(PDL)
     offs_m, mask_m, offs_n, mask_n, split = gemm_swap.tile_offsets(M, N, BM, BN)
     q = tl.arange(0, 16)
     rows = w_ptr + offs_n[:, None] * stride_w + q[None, :]  # int16 view: 48 per row per block, role r at 16 r
@@ -255,6 +269,9 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
     blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
     if OS > 0:
         blk1 = tl.where(split < OS, blk0, blk1)  # the outlier programs: no K blocks
+    if PF > 0:  # the first PF blocks' words on their way into L2 while the kernel before finishes
+        _prefetch_l2(w_ptr, offs_n, N, stride_w, blk0, blk1, PF)
+    pdl.wait(PDL)  # above: only this layer's tensors; x, x^T and out below
     for blk in tl.range(blk0, blk1, num_stages=PIPE):
         r0 = tl.load(rows + blk * 48, mask=mask_n[:, None], other=0)  # the three role tiles (0 past N)
         r1 = tl.load(rows + blk * 48 + 16, mask=mask_n[:, None], other=0)
@@ -303,7 +320,8 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
     gemm_swap.store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
 
 
-def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False, outlier_path=None):
+def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False, outlier_path=None,
+                use_pdl=None):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
     out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG]]]]]) overrides the table:
       SPLIT_K  0: auto (gemm_swap.pick_split)
@@ -318,7 +336,8 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only.
     outlier_path: "fused" (the epilogue), "ell" (outliers.ell_add after the GEMM), "split" (outliers.ell_split_add
     after it: many short programs, the GEMM keeps its registers); None: fused up to gemm_swap.FUSED_MAX_BM rows
-    per tile, else ell."""
+    per tile, else ell.  use_pdl: programmatic dependent launch (kernels/pdl.py; None: pdl.enabled(x)): the zeros and
+    the first two blocks' words (an L2 prefetch) are requested while the kernel before finishes."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
                              "(gemv_half2.add_layout: per channel or groups of a multiple of 256); got "
@@ -351,6 +370,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         out.zero_()
     br = br or gemm_swap.epilogue_br(warps, bm, bn)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), os_ + split)
+    use_pdl = pdl.enabled(x) if use_pdl is None else bool(use_pdl) and x.is_cuda
     qgemm_half2_kernel[grid](
         x, xt, out, words, p["scales"], zeros if zeros is not None else p["scales"],
         bias if bias is not None else p["scales"], oi if oi is not None else words,
@@ -362,7 +382,9 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
         HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split + os_ > 1, ATOMIC=x.is_cuda,
         BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 else 0,
-        num_warps=warps, num_stages=1, **({"maxnreg": nreg} if nreg and x.is_cuda else {}))
+        PDL=use_pdl, PF=2 if use_pdl and asm else 0,
+        num_warps=warps, num_stages=1, **({"maxnreg": nreg} if nreg and x.is_cuda else {}),
+        **pdl.launch_kwargs(use_pdl))
     if oi is not None and outlier_path == "ell":
         ell_add(x, oi, ov, out)
     elif oi is not None and outlier_path == "split":  # gathers from x or x^T by the epilogue's own rule

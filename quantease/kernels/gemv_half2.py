@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from quantease.errors import QuantEaseError
+from quantease.kernels import pdl
 from quantease.kernels.prepare import half2_from_prepared, half2_supported, half2_words_per_role, has_q8_words
 from quantease.kernels.gemv import ell_rows
 
@@ -468,10 +469,11 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                        HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                        PREFETCH: tl.constexpr, EARLY: tl.constexpr, LEAD: tl.constexpr, LEVEL: tl.constexpr,
                        LINES: tl.constexpr, PIN: tl.constexpr, CG: tl.constexpr, XHINT: tl.constexpr,
-                       XL: tl.constexpr, PIPE: tl.constexpr,
+                       XL: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr,
                        Q: tl.constexpr, GB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr,
                        BR: tl.constexpr):
     BKW: tl.constexpr = Q * BKB  # words per role per step per row
+    pdl.start(PDL)  # the next kernel may launch once every program got here; it takes only the slots left free
     # programs of one row block (all M / BM of them) are adjacent in launch order: for M > BM the later ones
     # read the weight tile from L2, not HBM (a second grid axis re-streamed the whole weight per row group)
     MB = tl.cdiv(M, BM)
@@ -513,10 +515,12 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                 _hint(w_ptr, offs_n, N, stride_w, h, SW, LINES, LEVEL)
     idx0 = tl.zeros((BN, BR), dtype=tl.int32)
     val0 = tl.zeros((BN, BR), dtype=tl.float32)
-    if XHINT:
-        _xhint(xw, 0, KH, stride_xw, Mloc, 16 * Q * BKB, XL, BM)
     if HAS_OUTLIERS and EARLY:
         idx0, val0 = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR)
+    # everything above reads only this layer's tensors (zeros, the first words, outlier slots); x and y after this
+    pdl.wait(PDL)
+    if XHINT:
+        _xhint(xw, 0, KH, stride_xw, Mloc, 16 * Q * BKB, XL, BM)
     # PIPE > 1 (with PREFETCH 0): triton's software pipeliner issues the loads of step t + PIPE - 1 as cp.async
     # copies into shared memory at step t's top -- bytes in flight without registers, and ptxas cannot sink them
     for t in tl.range(0, full, num_stages=PIPE):
@@ -575,7 +579,7 @@ def _pairs_ready(x):
 
 
 def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_outliers=None, lead=None, level=2,
-                pin=None, cg=None, xhint=None, pipe=None, nreg=None):
+                pin=None, cg=None, xhint=None, pipe=None, nreg=None, use_pdl=None):
     """x [M, K] fp16/bf16, prepare_half2's dict p, bias [N] | None, out [M, N] -> out.  Any M (rows of x are
     split into programs of <= 4); meant for M <= ops.GEMV_MAX_M.  config None: pick_config's table for this
     (M, N, K); prefetch (0 / False, 1 / True, 2 steps ahead) overrides the config's depth.  early_outliers: load
@@ -589,7 +593,9 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     only); None: the config's 8th / 9th element, else off.  pipe: software-pipeline depth of the K loop's loads
     (cp.async into shared memory, triton's pipeliner; needs prefetch 0; None: the config's 10th element, else 1 =
     plain loads).  nreg: registers per thread at most (ptxas maxnreg; None: the config's 11th element, else
-    ptxas' choice): more warps per SM at the price of spills (CUDA only)."""
+    ptxas' choice): more warps per SM at the price of spills (CUDA only).  use_pdl: programmatic dependent launch
+    (kernels/pdl.py; None: pdl.enabled(x)): the zeros, the first step's words and the early outlier slots are loaded
+    while the kernel before finishes."""
     if "words" not in p:
         raise QuantEaseError("qgemv_half2 needs prepare_half2's layout (got a dict without 'words')")
     if not half2_supported(p["bits"], p["group_size"]):
@@ -630,6 +636,7 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     r = oi.shape[1] if has_out else 0
     br = max(2, min(32, triton.next_power_of_2(max(r, 1))))
     grid = (triton.cdiv(n, bn) * triton.cdiv(m, bm),)
+    use_pdl = pdl.enabled(x) if use_pdl is None else bool(use_pdl) and x.is_cuda
     qgemv_half2_kernel[grid](
         xq, out, words, p["scales"], zeros if zeros is not None else p["scales"],
         oi if has_out else words, ov if has_out else p["scales"], bias if bias is not None else p["scales"],
@@ -640,9 +647,10 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
         PER_CHANNEL=p["group_size"] == -1, HAS_OUTLIERS=has_out, HAS_BIAS=bias is not None,
         ASM=x.is_cuda and asm, PREFETCH=depth, EARLY=early_outliers,
         LEAD=lead if x.is_cuda and asm else 0, LEVEL=level, PIN=pin,
-        CG=cg, XHINT=xhint and x.is_cuda and asm, PIPE=pipe, XL=triton.next_power_of_2(max(1, 16 * q * bkb // 32)),
+        CG=cg, XHINT=xhint and x.is_cuda and asm, PIPE=pipe, PDL=use_pdl,
+        XL=triton.next_power_of_2(max(1, 16 * q * bkb // 32)),
         LINES=triton.next_power_of_2(triton.cdiv(3 * q * bkb * 4, 128) + 1),
         Q=q, GB=max(1, p["group_size"] // (32 * q)),  # blocks per group (1 for groups of 32, 64, 128)
         BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps, num_stages=stages,
-        **({"maxnreg": nreg} if nreg and x.is_cuda else {}))
+        **({"maxnreg": nreg} if nreg and x.is_cuda else {}), **pdl.launch_kwargs(use_pdl))
     return out
