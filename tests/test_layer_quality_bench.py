@@ -1,4 +1,5 @@
-"""benchmarks/layer_quality.py's outlier-budget split: feasible, and optimal where every row's curve is convex."""
+"""benchmarks/layer_quality.py's outlier-budget split: feasible, and optimal where every row's curve is convex;
+benchmarks/outlier_blocks.py's per-block counts."""
 import itertools
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import layer_quality  # noqa: E402
+import outlier_blocks  # noqa: E402
 
 
 def convex_rows(n, r, gen):
@@ -40,3 +42,12 @@ def test_split_respects_budget_on_any_rows():
     counts, total = layer_quality.best_allocation(f, 60)
     assert int(counts.sum()) <= 60 and counts.min() >= 0 and counts.max() <= 6
     assert abs(total - float(f[torch.arange(50), counts].sum())) < 1e-9
+
+
+def test_outlier_block_counts():
+    """Slots per (row, 256-column block), padding (value 0, repeating an index) not counted; a partial last block."""
+    idx = torch.tensor([[0, 255, 256, 600, 600], [10, 10, 10, 10, 10]], dtype=torch.int16)
+    val = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.0], [5.0, 6.0, 0.0, 0.0, 0.0]], dtype=torch.float16)
+    cnt = outlier_blocks.block_counts(idx, val, 700)
+    assert cnt.tolist() == [[2, 1, 1], [2, 0, 0]]
+    assert abs(outlier_blocks.poisson_tail(1.0, 0) - (1 - 2.718281828 ** -1)) < 1e-6
