@@ -1,10 +1,14 @@
 """How QuantEase's outlier slots fall into 256-column blocks on real layers (sizing an outlier add inside the K loop).
 
     .venv/bin/python benchmarks/outlier_blocks.py                 # SmolLM2-135M blocks 2 and 10 (CPU, ~1 min)
+    .venv/bin/python benchmarks/outlier_blocks.py --caps 4,2,1    # + the error with <= cap slots per (row, block)
 
 For each layer and outlier fraction: the slots per (row, 256-column block) -- mean, max, the share of cells over 2
 and over 4 -- against a Poisson count of the same mean (outlier columns drawn at random), and how many rows the most
 used columns serve (column clustering).  Sigma and the model as benchmarks/layer_quality.py (its --cache file).
+--caps: the same quantization with the IHT's support limited to <= cap slots per (row, block) (capped_top in place
+of outliers.top_support: what an outlier table by K-block would require), its relative error f / tr(W Sigma W^T)
+against the uncapped one's.
 """
 import argparse
 import math
@@ -17,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import layer_quality  # noqa: E402
-from quantease.quantize import quantize_weight  # noqa: E402
+from quantease.format import layout  # noqa: E402
+from quantease.quantize import outliers, quantize_weight  # noqa: E402
 
 BLOCK = 256  # the half2 words' block: what one K-loop iteration of gemm_half2 reads
 
@@ -33,6 +38,35 @@ def block_counts(idx, val, k):
 def poisson_tail(lam, above):
     """P(X > above) for X ~ Poisson(lam)."""
     return 1 - sum(math.exp(-lam) * lam ** j / math.factorial(j) for j in range(above + 1))
+
+
+def capped_top(score, r, cap):
+    """Per row the R largest scores with at most `cap` of them in any 256-column block (greedy in score order,
+    which is exact for a per-block cap: a block's best `cap` candidates are the only ones it can contribute)."""
+    n, k = score.shape
+    if cap * math.ceil(k / BLOCK) < r:
+        raise ValueError(f"a cap of {cap} per block leaves fewer than R = {r} slots in {k} columns")
+    order = torch.argsort(score, dim=1, descending=True)
+    blk, pos = torch.sort(order // BLOCK, dim=1, stable=True)  # by block, score order within a block
+    rank_sorted = torch.arange(k)[None, :] - torch.searchsorted(blk, blk)  # rank inside its block
+    rank = torch.empty_like(rank_sorted).scatter_(1, pos, rank_sorted)  # back to score order
+    keep = rank < cap
+    take = keep & (keep.cumsum(1) <= r)
+    return order[take].view(n, r)
+
+
+def capped_error(w, s, fraction, cap):
+    """rel_error of quantize_weight with the IHT support capped per (row, block) (cap 0: as shipped)."""
+    plain = outliers.top_support
+    if cap:
+        outliers.top_support = lambda score, r, structured: capped_top(score, r, cap)
+    try:
+        r = quantize_weight(w, s, bits=3, outlier_fraction=fraction)
+    finally:
+        outliers.top_support = plain
+    if cap:
+        assert int(block_counts(r.outlier_idx, r.outlier_val, w.shape[1]).max()) <= cap
+    return r.info["rel_error"]
 
 
 def row(name, w, s, fraction):
@@ -53,6 +87,7 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.005, 0.01])
     ap.add_argument("--layers", nargs="+", default=["q_proj", "gate_proj", "down_proj"], help="name endings")
     ap.add_argument("--cache", default="/tmp/smollm_sigmas.pt")
+    ap.add_argument("--caps", default="", help="also the error with <= cap slots per (row, block), e.g. 4,2,1")
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = layer_quality.smollm_layers(args.blocks, 32, 512, cache=args.cache or None)
@@ -63,6 +98,26 @@ def main():
         for name, (w, s) in layers.items():
             if name.endswith(tuple(args.layers)):
                 print(row(name, w, s, fraction), flush=True)
+    caps = [int(c) for c in args.caps.split(",") if c]
+    if not caps:
+        return
+    print("\n| layer | outliers | R | rel. error, no cap | " + " | ".join(f"cap {c}: rel. error (x no cap)" for c in caps)
+          + " |")
+    print("|---|---|---|---|" + "---|" * len(caps))
+    for fraction in args.fractions:
+        for name, (w, s) in layers.items():
+            if not name.endswith(tuple(args.layers)):
+                continue
+            base = capped_error(w, s, fraction, 0)
+            cells = []
+            for c in caps:
+                try:
+                    e = capped_error(w, s, fraction, c)
+                    cells.append(f"{e:.5f} ({e / base:.3f})")
+                except ValueError:
+                    cells.append("-")
+            print(f"| {name} | {fraction * 100:g}% | {layout.outlier_slots(w.shape[1], fraction)} | {base:.5f} | "
+                  + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

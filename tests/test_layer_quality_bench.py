@@ -4,6 +4,7 @@ import itertools
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -51,3 +52,22 @@ def test_outlier_block_counts():
     cnt = outlier_blocks.block_counts(idx, val, 700)
     assert cnt.tolist() == [[2, 1, 1], [2, 0, 0]]
     assert abs(outlier_blocks.poisson_tail(1.0, 0) - (1 - 2.718281828 ** -1)) < 1e-6
+
+
+def test_capped_top_support():
+    """At most `cap` per 256-column block, else the largest scores; a loose cap is plain top-k."""
+    gen = torch.Generator().manual_seed(0)
+    score = torch.rand(6, 700, generator=gen)
+    score[:, 10:20] += 5  # ten favourites in block 0
+    idx = outlier_blocks.capped_top(score, 5, 2)
+    assert idx.shape == (6, 5)
+    assert ((idx // 256)[:, :, None] == torch.arange(3)).sum(1).max() <= 2
+    assert set(idx[0].tolist()) & set(range(10, 20)) == set(torch.topk(score[0, 10:20], 2).indices.add(10).tolist())
+    for row in range(6):  # the other three are the best outside block 0
+        rest = score[row].clone()
+        rest[:256] = -1
+        assert set(idx[row].tolist()) - set(range(256)) == set(torch.topk(rest, 3).indices.tolist())
+    loose = outlier_blocks.capped_top(score, 5, 5)
+    assert torch.equal(loose.sort(1).values, torch.topk(score, 5, dim=1).indices.sort(1).values)
+    with pytest.raises(ValueError, match="fewer than R"):  # 3 blocks x cap 1 < R = 5
+        outlier_blocks.capped_top(score, 5, 1)
