@@ -41,10 +41,10 @@ def poisson_tail(lam, above):
 
 
 def capped_top(score, r, cap):
-    """Per row the R largest scores with at most `cap` of them in any 256-column block (greedy in score order,
-    which is exact for a per-block cap: a block's best `cap` candidates are the only ones it can contribute)."""
+    """Per row the R largest scores with at most `cap` of them in any 256-column block (greedy in score order:
+    exact, the caps make a partition matroid -- a block can only ever contribute its best `cap` candidates)."""
     n, k = score.shape
-    if cap * math.ceil(k / BLOCK) < r:
+    if sum(min(cap, k - b0) for b0 in range(0, k, BLOCK)) < r:  # a short last block holds fewer
         raise ValueError(f"a cap of {cap} per block leaves fewer than R = {r} slots in {k} columns")
     order = torch.argsort(score, dim=1, descending=True)
     blk, pos = torch.sort(order // BLOCK, dim=1, stable=True)  # by block, score order within a block
