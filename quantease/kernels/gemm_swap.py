@@ -54,7 +54,7 @@ import triton.language as tl
 
 from quantease.errors import QuantEaseError
 from quantease.kernels.gemm import block_grid, block_loads, block_split, block_words, group_dequant, slot_codes
-from quantease.kernels.outliers import ell_add
+from quantease.kernels.outliers import add_tile, ell_add, slot_sums
 
 # (BM, BN, num_warps, num_stages, SPLIT_K, REGA[, XPF[, PIPE[, WPF]]]) by M bucket; SPLIT_K 0 = pick_split
 # (wrapper); XPF = x tiles loaded that many slots ahead; PIPE, WPF: see qgemm_swap.  Measured on the H100
@@ -302,28 +302,19 @@ def add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R,
     grid's splits) takes slots split R / parts .. (less its first `skip`, added elsewhere)."""
     r_lo, r_hi = split_slots(R, split, parts)
     for r0 in range(r_lo + skip, r_hi, BR):
-        offs_r = r0 + tl.arange(0, BR)
-        rmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
-        idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
-        val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-        xg = tl.load(xt_ptr + idx.to(tl.int32)[:, :, None] * stride_xt + offs_m[None, None, :] * stride_xtm,
-                     mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
-        acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
+        acc += slot_sums(xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, r0 + tl.arange(0, BR), r_hi, offs_m, mask_m,
+                         stride_xt, stride_xtm, stride_oi, stride_ov)
     return acc
 
 
 @triton.jit
 def store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT: tl.constexpr, ATOMIC: tl.constexpr):
     """y^T tile acc [BN, BM] -> y [M, N]: stored, or (split-K) added with atomics in y's dtype."""
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    ymask = mask_n[:, None] & mask_m[None, :]
-    if not SPLIT:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
-    elif ATOMIC:
-        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask, sem="relaxed")
-    else:  # the CPU interpreter (no 16-bit atomics there) runs programs one at a time: a plain add is exact
-        y = tl.load(y_ptrs, mask=ymask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + acc.to(y_ptr.dtype.element_ty).to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ymask)
+    if SPLIT:
+        add_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, ATOMIC)
+    else:
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_m[None, :])
 
 
 def group_mode(group_size):

@@ -24,6 +24,32 @@ SPLIT_RS_MAX = 32  # slots per program at most
 
 
 @triton.jit
+def slot_sums(x_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_r, r_hi, offs_m, mask_m, stride_xk, stride_xm, stride_oi,
+              stride_ov):
+    """[BN, BM] float32: sum over the slots offs_r (those < r_hi) of val[n, r] * x[m, idx[n, r]], x read with
+    strides (stride_xk, stride_xm) -- x itself (1, row stride) or its [K, M] transpose (row stride, 1)."""
+    rmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
+    idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0).to(tl.int32)
+    val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
+    xg = tl.load(x_ptr + idx[:, :, None] * stride_xk + offs_m[None, None, :] * stride_xm,
+                 mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
+    return tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
+
+
+@triton.jit
+def add_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, ATOMIC: tl.constexpr):
+    """y [M, N] += the y^T tile acc [BN, BM], in y's dtype: atomics (other programs add to the same tile), or on
+    the CPU interpreter (no 16-bit atomics there; it runs programs one at a time) a plain add, which is exact."""
+    ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    ymask = mask_n[:, None] & mask_m[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask, sem="relaxed")
+    else:
+        y = tl.load(ptrs, mask=ymask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (y + acc.to(y_ptr.dtype.element_ty).to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
 def ell_add_kernel(xt_ptr, y_ptr, oi_ptr, ov_ptr, M, N, R, stride_xt, stride_ym, stride_oi, stride_ov,
                    BN: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -32,13 +58,8 @@ def ell_add_kernel(xt_ptr, y_ptr, oi_ptr, ov_ptr, M, N, R, stride_xt, stride_ym,
     mask_m = offs_m < M
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for r0 in range(0, R, BR):
-        offs_r = r0 + tl.arange(0, BR)
-        rmask = mask_n[:, None] & (offs_r[None, :] < R)
-        idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0).to(tl.int32)
-        val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-        xg = tl.load(xt_ptr + idx[:, :, None] * stride_xt + offs_m[None, None, :],
-                     mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
-        acc += tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
+        acc += slot_sums(xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, r0 + tl.arange(0, BR), R, offs_m, mask_m,
+                         stride_xt, 1, stride_oi, stride_ov)
     ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     ymask = mask_n[:, None] & mask_m[None, :]
     y = tl.load(ptrs, mask=ymask, other=0.0).to(tl.float32)
@@ -65,19 +86,9 @@ def ell_split_kernel(x_ptr, y_ptr, oi_ptr, ov_ptr, M, N, R, stride_xk, stride_xm
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    rmask = mask_n[:, None] & (offs_r[None, :] < R)
-    idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0).to(tl.int32)
-    val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-    xg = tl.load(x_ptr + idx[:, :, None] * stride_xk + offs_m[None, None, :] * stride_xm,
-                 mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
-    acc = tl.sum(xg.to(tl.float32) * val.to(tl.float32)[:, :, None], axis=1)
-    ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    ymask = mask_n[:, None] & mask_m[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask, sem="relaxed")
-    else:  # the CPU interpreter (no 16-bit atomics there) runs programs one at a time: a plain add is exact
-        y = tl.load(ptrs, mask=ymask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (y + acc.to(y_ptr.dtype.element_ty).to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ymask)
+    acc = slot_sums(x_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_r, R, offs_m, mask_m, stride_xk, stride_xm,
+                    stride_oi, stride_ov)
+    add_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, ATOMIC)
 
 
 def split_config(m, r):
