@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import layer_quality  # noqa: E402
-from quantease.format import layout  # noqa: E402
 from quantease.quantize import outliers, quantize_weight  # noqa: E402
 
 BLOCK = 256  # the half2 words' block: what one K-loop iteration of gemm_half2 reads
@@ -55,8 +54,8 @@ def capped_top(score, r, cap):
     return order[take].view(n, r)
 
 
-def capped_error(w, s, fraction, cap):
-    """rel_error of quantize_weight with the IHT support capped per (row, block) (cap 0: as shipped)."""
+def quantize_capped(w, s, fraction, cap):
+    """quantize_weight's result with the IHT support capped per (row, block) (cap 0: as shipped)."""
     plain = outliers.top_support
     if cap:
         outliers.top_support = lambda score, r, structured: capped_top(score, r, cap)
@@ -66,11 +65,11 @@ def capped_error(w, s, fraction, cap):
         outliers.top_support = plain
     if cap:
         assert int(block_counts(r.outlier_idx, r.outlier_val, w.shape[1]).max()) <= cap
-    return r.info["rel_error"]
+    return r
 
 
-def row(name, w, s, fraction):
-    r = quantize_weight(w, s, bits=3, outlier_fraction=fraction)
+def row(name, w, r, fraction):
+    """The counts table's row for layer w quantized (uncapped) as r."""
     cnt = block_counts(r.outlier_idx, r.outlier_val, w.shape[1])
     lam = cnt.mean().item()
     used = r.outlier_val != 0
@@ -91,34 +90,31 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = layer_quality.smollm_layers(args.blocks, 32, 512, cache=args.cache or None)
+    chosen = [(name, w, sig) for name, (w, sig) in layers.items() if name.endswith(tuple(args.layers))]
+    caps = [int(c) for c in args.caps.split(",") if c]
     print("| layer | N x K | outliers | R | slots / (row, block) | max | cells > 2, % (Poisson) | cells > 4, % "
           "(Poisson) | rows of the 4 most used columns |")
     print("|---|---|---|---|---|---|---|---|---|")
+    capped_rows = []
     for fraction in args.fractions:
-        for name, (w, s) in layers.items():
-            if name.endswith(tuple(args.layers)):
-                print(row(name, w, s, fraction), flush=True)
-    caps = [int(c) for c in args.caps.split(",") if c]
-    if not caps:
-        return
-    print("\n| layer | outliers | R | rel. error, no cap | " + " | ".join(f"cap {c}: rel. error (x no cap)" for c in caps)
-          + " |")
-    print("|---|---|---|---|" + "---|" * len(caps))
-    for fraction in args.fractions:
-        for name, (w, s) in layers.items():
-            if not name.endswith(tuple(args.layers)):
-                continue
-            base = capped_error(w, s, fraction, 0)
+        for name, w, sig in chosen:
+            r = quantize_capped(w, sig, fraction, 0)
+            print(row(name, w, r, fraction), flush=True)
+            base = r.info["rel_error"]
             cells = []
             for c in caps:
                 try:
-                    e = capped_error(w, s, fraction, c)
+                    e = quantize_capped(w, sig, fraction, c).info["rel_error"]
                     cells.append(f"{e:.5f} ({e / base:.3f})")
-                except ValueError:
+                except ValueError:  # too few slots under this cap
                     cells.append("-")
-            print(f"| {name} | {fraction * 100:g}% | {layout.outlier_slots(w.shape[1], fraction)} | {base:.5f} | "
-                  + " | ".join(cells) + " |", flush=True)
-
+            capped_rows.append(f"| {name} | {fraction * 100:g}% | {r.outlier_idx.shape[1]} | {base:.5f} | "
+                               + " | ".join(cells) + " |")
+    if caps:
+        print("\n| layer | outliers | R | rel. error, no cap | "
+              + " | ".join(f"cap {c}: rel. error (x no cap)" for c in caps) + " |")
+        print("|---|---|---|---|" + "---|" * len(caps))
+        print("\n".join(capped_rows))
 
 if __name__ == "__main__":
     main()

@@ -370,7 +370,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         out.zero_()
     br = br or gemm_swap.epilogue_br(warps, bm, bn)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), os_ + split)
-    use_pdl = pdl.enabled(x) if use_pdl is None else bool(use_pdl) and x.is_cuda
+    use_pdl = pdl.enabled(x, use_pdl)
     qgemm_half2_kernel[grid](
         x, xt, out, words, p["scales"], zeros if zeros is not None else p["scales"],
         bias if bias is not None else p["scales"], oi if oi is not None else words,

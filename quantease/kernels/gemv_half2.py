@@ -636,7 +636,7 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     r = oi.shape[1] if has_out else 0
     br = max(2, min(32, triton.next_power_of_2(max(r, 1))))
     grid = (triton.cdiv(n, bn) * triton.cdiv(m, bm),)
-    use_pdl = pdl.enabled(x) if use_pdl is None else bool(use_pdl) and x.is_cuda
+    use_pdl = pdl.enabled(x, use_pdl)
     qgemv_half2_kernel[grid](
         xq, out, words, p["scales"], zeros if zeros is not None else p["scales"],
         oi if has_out else words, ov if has_out else p["scales"], bias if bias is not None else p["scales"],

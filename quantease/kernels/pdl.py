@@ -32,8 +32,11 @@ def _capable(index):
     return gdc and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def enabled(x):
-    """True when a kernel reading x should be launched with PDL (CUDA, sm_90+, $QUANTEASE_PDL=1)."""
+def enabled(x, want=None):
+    """True when a kernel reading x should be launched with PDL: want (a caller's explicit choice, CUDA only), or
+    when None $QUANTEASE_PDL=1 on sm_90+."""
+    if want is not None:
+        return bool(want) and x.is_cuda
     flag = os.environ.get(ENV, DEFAULT) or DEFAULT
     if flag not in ("0", "1"):
         raise QuantEaseError(f"${ENV}={flag!r}: 0 (off) or 1 (on, sm_90 and newer; default {DEFAULT})")
