@@ -23,7 +23,12 @@ import torch, triton, transformers, vllm
 from importlib.metadata import entry_points
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)
 print("plugins", [e.value for e in entry_points(group="vllm.general_plugins")])
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from vllm.model_executor.layers.quantization import get_quantization_config
+print("quantization method", get_quantization_config("quantease").__name__)  # imports vLLM's whole registry
 PY
+[ ${PIPESTATUS[0]} = 0 ] || { ts "vLLM or its quantization registry does not import (see above): stopping"; exit 1; }
 date -u | tee -a $OUT/machine.txt
 
 # seconds kept back for quant_time: none when it is skipped (a run of 2026-12-02 lost its last model to the 170)

@@ -9,8 +9,9 @@ Timing: every variant is captured in a CUDA graph that calls it once per weight 
 GB/s counts the bytes a call must move: the code layout it reads (half2 words for the GEMV, bit planes above) +
 scales/zeros + outlier slots + x + y (before 2026-12-02 11:30 UTC it counted both code layouts: results/kernels.csv's
 gbs column, run earlier that day, is ~2x too high on the weight part).
---pdl-ab times every --bench row twice, with programmatic dependent launch (kernels/pdl.py) on and off: on,
-consecutive calls in the graph overlap (a call's first weight loads start while the one before finishes).
+--pdl-ab [MODE] times every --bench row twice, with programmatic dependent launch (kernels/pdl.py) in MODE (1: the next
+call launches from the kernel's top, late: from after its K loop; default 1) and off: on, consecutive calls in the
+graph overlap (a call's first weight loads start while the one before finishes).
 """
 import argparse
 import itertools
@@ -263,7 +264,7 @@ def bench(args, writer):
             p, _ = make_prepared(n, k, 3, args.group_size, fraction, asym=args.asym)
             for m in args.ms:
                 base = time_fp16(n, k, m, fp16)
-                us = time_pdl(p, m, "1") if args.pdl_ab else time_kernel(p, m, run_default)
+                us = time_pdl(p, m, args.pdl_ab) if args.pdl_ab else time_kernel(p, m, run_default)
                 gbs = (call_bytes(p, m) + 2 * m * (n + k)) / us / 1e3
                 off = time_pdl(p, m, "0") if args.pdl_ab else None
                 rows.append((n, k, m, fraction, us, gbs, base, off))
@@ -283,7 +284,8 @@ def bench(args, writer):
             del p
     fr = args.fractions
     if args.pdl_ab:
-        print("\nquantized columns: PDL on; 'no PDL': the same kernels with it off (QUANTEASE_PDL=0)")
+        print(f"\nquantized columns: PDL on (QUANTEASE_PDL={args.pdl_ab}); 'no PDL': the same kernels with it off "
+              f"(QUANTEASE_PDL=0)")
     ab = " | ".join(f"no PDL {f * 100:g}% us" for f in fr) + " | " if args.pdl_ab else ""
     print("\n| N x K | M | fp16 us | " + " | ".join(f"3b+{f * 100:g}% us" for f in fr) + " | " + ab
           + "GB/s (first) | speedup " + " / ".join(f"{f * 100:g}%" for f in fr) + " |")
@@ -444,8 +446,9 @@ def main():
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="--bench: M values")
     ap.add_argument("--group-size", type=int, default=-1, help="--bench: scale groups (-1: per channel)")
     ap.add_argument("--asym", action="store_true", help="--bench: asymmetric weights (random zeros)")
-    ap.add_argument("--pdl-ab", action="store_true",
-                    help="--bench: time every row with programmatic dependent launch on and off (QUANTEASE_PDL)")
+    ap.add_argument("--pdl-ab", nargs="?", const="1", choices=("1", "late"),
+                    help="--bench: time every row with programmatic dependent launch on (this QUANTEASE_PDL mode, "
+                         "default 1) and off")
     args = ap.parse_args()
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]
@@ -461,6 +464,7 @@ def main():
     if args.check:
         check(args)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels.csv"), "a", newline="") as f:
         writer = csv.writer(f)
         if args.sweep:

@@ -14,6 +14,9 @@ device command:
    layout shared with gemm_half2), same weights.
 --outliers: only the 0.5%-outlier epilogue variants of the table config (see outliers()).
 --regs: the table config at 0% and 0.5% with ptxas register caps (config element NREG, see regs()).
+--narrow: M = 4 / 16 / 32, the 1-warp table entry against 4- / 8-warp (wgmma) candidates (NARROW).
+--prologue: at 0.5% outliers, the x^T copy and the split-K zeroing as two launches or one (see prologue_ab()).
+--outliers / --prologue take --outlier-ms (M values) and --outliers --variants (names).
 """
 import argparse
 import csv
@@ -55,6 +58,15 @@ WIDE = {
 LARGE = {
     256: [(64, 256, 4, 0, 2), (128, 256, 8, 0, 2), (128, 128, 8, 0, 2), (64, 128, 8, 0, 2)],
     512: [(64, 256, 4, 0, 2), (128, 256, 8, 0, 2), (128, 128, 8, 0, 2)],
+}
+# --narrow (session 11): M = 4 / 16 / 32 -- the 1-warp mma.sync table entry against 4- / 8-warp programs, where the
+# dot is a wgmma with the unpacked weight tile as its register A operand (64 rows per warp group, N = BM = 16 / 32):
+# one x^T tile in shared memory serves BN rows instead of 64, so the x bytes read from L2 per weight byte fall from
+# 1.33 (BN 64, BM 16) to 0.67 / 0.33 at BN 128 / 256 -- at 8192^2 M = 16 the table's 1-warp programs read ~33 MB of
+# x from L2 beside the 25 MB of words
+NARROW = {
+    16: [(16, 64, 1, 0, 2), (16, 64, 4, 0, 2), (16, 128, 4, 0, 2), (16, 128, 8, 0, 2), (16, 256, 8, 0, 2)],
+    32: [(32, 64, 1, 0, 2), (32, 64, 4, 0, 2), (32, 128, 4, 0, 2), (32, 128, 8, 0, 2), (32, 256, 8, 0, 2)],
 }
 
 
@@ -131,13 +143,14 @@ def check(device, shapes, asym, cands, ms):
     print(f"check: {'all pass' if not bad else f'{bad} FAILED'}", flush=True)
 
 
-def agree(p, m, ref_cfg, cfg, name):
-    """gemm_half2 at cfg gives the table config's result (fp16 x, relative 1e-3: split-K atomics differ in order)."""
+def agree(p, m, ref_cfg, cfg, name, path=None):
+    """gemm_half2 at cfg (and outlier_path) gives the table config's result (fp16 x, relative 1e-3: split-K atomics
+    differ in order)."""
     from quantease.kernels import gemm_half2
 
     x = torch.randn(m, p["in_features"], device=p["scales"].device).half()
     y0 = gemm_half2.qgemm_half2(x, p, None, torch.empty(m, p["out_features"], device=x.device).half(), ref_cfg)
-    y = gemm_half2.qgemm_half2(x, p, None, torch.full_like(y0, float("nan")), cfg)
+    y = gemm_half2.qgemm_half2(x, p, None, torch.full_like(y0, float("nan")), cfg, outlier_path=path)
     err = ((y.double() - y0.double()).norm() / y0.double().norm()).item()
     if not (err < 1e-3):
         print(f"  MISMATCH {name} {cfg} M={m}: relative {err:.1e} to the table config", flush=True)
@@ -162,29 +175,71 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
 
     f, w = open_csv(args, "half2_outliers", ["variant"])
     fp16, t0 = {}, time.time()
+    want = set(args.variants.split(",")) if args.variants else None
     for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
-        for m in (2, 4, 8, 16, 32):
+        for m in args.outlier_ms:
             base = time_fp16(n, k, m, fp16)
             tab = gemm_half2.pick_config(m)
             us0 = time_kernel(p0, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
             w.writerow([n, k, m, 0.0, "half2", str(tab), f"{us0:.2f}", f"{base:.2f}", f"{base / us0:.3f}"])
             cells = []
-            for name, cfg, gx, only in (("table", tab, None, False), ("br4", tab[:5] + (4,), None, False),
-                                        ("os1", tab[:5] + (None, 1), None, False),
-                                        ("os2", tab[:5] + (None, 2), None, False),
-                                        ("os4", tab[:5] + (None, 4), None, False),
-                                        ("os2_br4", tab[:5] + (4, 2), None, False),
-                                        ("pre2", tab[:5] + (None, 0, 2), None, False),
-                                        ("pre4", tab[:5] + (None, 0, 4), None, False),
-                                        ("epilogue_alone", tab, None, True)):
+            # (name, config, gather_x, outliers_only, outlier_path): path "split" / "ell" adds them after the GEMM
+            for name, cfg, gx, only, path in (("table", tab, None, False, None),
+                                              ("split", tab, None, False, "split"),
+                                              ("ell", tab, None, False, "ell"),
+                                              ("br4", tab[:5] + (4,), None, False, None),
+                                              ("os1", tab[:5] + (None, 1), None, False, None),
+                                              ("os2", tab[:5] + (None, 2), None, False, None),
+                                              ("os4", tab[:5] + (None, 4), None, False, None),
+                                              ("os2_br4", tab[:5] + (4, 2), None, False, None),
+                                              ("pre2", tab[:5] + (None, 0, 2), None, False, None),
+                                              ("pre4", tab[:5] + (None, 0, 4), None, False, None),
+                                              ("epilogue_alone", tab, None, True, None)):
+                if want is not None and name not in want:
+                    continue
                 if not only:  # same sums as the table config (split-K atomics: not bit-equal)
-                    agree(p5[0], m, tab, cfg, name)
-                us = time_kernel(p5, m, lambda x, q, o, c=cfg, g=gx, e=only: gemm_half2.qgemm_half2(
-                    x, q, None, o, c, gather_x=g, outliers_only=e))
+                    agree(p5[0], m, tab, cfg, name, path)
+                us = time_kernel(p5, m, lambda x, q, o, c=cfg, g=gx, e=only, op=path: gemm_half2.qgemm_half2(
+                    x, q, None, o, c, gather_x=g, outliers_only=e, outlier_path=op))
                 w.writerow([n, k, m, 0.005, "half2_" + name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
                 cells.append(f"{name} {us:.1f} ({us / us0 - 1:+.0%})")
             f.flush()
             print(f"| {n}x{k} | {m} | fp16 {base:.1f} | 0% {us0:.1f} | 0.5%: " + ", ".join(cells) + " |", flush=True)
+    print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
+
+
+def prologue_ab(args, time_kernel, time_fp16, rotate, device, shapes):
+    """--prologue: the table config at 0.5% outliers with gemm_half2.FUSED_PROLOGUE off (torch's x^T copy and fill:
+    two launches) and on (kernels/prologue.py: one), at the M where both are needed (x^T gathered, K split)."""
+    from quantease.kernels import gemm_half2
+
+    f, w = open_csv(args, "half2_prologue", ["variant"])
+    fp16, t0 = {}, time.time()
+    for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
+        for m in args.outlier_ms:
+            base = time_fp16(n, k, m, fp16)
+            x = torch.randn(m, k, device=device).half()
+            ys = []
+            for on in (False, True):  # the same sums both ways (split-K atomics: not bit-equal)
+                old, gemm_half2.FUSED_PROLOGUE = gemm_half2.FUSED_PROLOGUE, on
+                try:
+                    ys.append(gemm_half2.qgemm_half2(x, p5[0], None, torch.full((m, n), float("nan"), device=device,
+                                                                                dtype=x.dtype)).double())
+                finally:
+                    gemm_half2.FUSED_PROLOGUE = old
+            err = ((ys[1] - ys[0]).norm() / ys[0].norm()).item()
+            cells = [f"agree {err:.0e}" + ("" if err < 1e-3 else " MISMATCH")]
+            for name, on in (("two_launches", False), ("prologue", True)):
+                old, gemm_half2.FUSED_PROLOGUE = gemm_half2.FUSED_PROLOGUE, on
+                try:
+                    us = time_kernel(p5, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
+                finally:
+                    gemm_half2.FUSED_PROLOGUE = old
+                w.writerow([n, k, m, 0.005, "half2_" + name, str(gemm_half2.pick_config(m)), f"{us:.2f}",
+                            f"{base:.2f}", f"{base / us:.3f}"])
+                cells.append(f"{name} {us:.1f}")
+            f.flush()
+            print(f"| {n}x{k} | {m} | fp16 {base:.1f} | 0.5%: " + ", ".join(cells) + " |", flush=True)
     print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
 
 
@@ -245,16 +300,25 @@ def main():
     ap.add_argument("--deadline", type=float, default=400.0, help="seconds after which no new shape is started")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run under TRITON_INTERPRET=1, timers stubbed")
     ap.add_argument("--outliers", action="store_true", help="only the 0.5%%-outlier epilogue variants (table config)")
+    ap.add_argument("--shapes", default="", help="NxK,NxK,... instead of SHAPES (GPU runs)")
+    ap.add_argument("--variants", default="", help="--outliers: only these variants (comma-separated names)")
+    ap.add_argument("--outlier-ms", default="2,4,8,16,32", help="--outliers: M values")
+    ap.add_argument("--prologue", action="store_true",
+                    help="only the fused prologue (x^T copy + zeroing in one launch) against two launches, 0.5%%")
     ap.add_argument("--regs", action="store_true", help="only the table config under register caps (NREG)")
     ap.add_argument("--wide", action="store_true", help="only M = 64, 128: the 4- / 8-warp candidates vs gemm_swap")
+    ap.add_argument("--narrow", action="store_true",
+                    help="only M = 4, 16, 32: the 1-warp table entry vs 4- / 8-warp (wgmma) candidates")
     ap.add_argument("--large", action="store_true",
                     help="only M = 256, 512: gemm_half2 candidates vs the words' dequant + cuBLAS")
     args = ap.parse_args()
+    args.outlier_ms = [int(m) for m in args.outlier_ms.split(",")]
     os.makedirs(args.out, exist_ok=True)
     from quantease.kernels import gemm, gemm_half2, gemm_swap, gemv_half2
 
     t0 = time.time()
-    device, shapes = "cuda", SHAPES
+    device, shapes = "cuda", (tuple(tuple(int(v) for v in x.split("x")) for x in args.shapes.split(","))
+                              if args.shapes else SHAPES)
     rotate, time_kernel, time_fp16 = kb.rotated_timers(args.tiny)
     if args.tiny:
         device, shapes = "cpu", ((40, 600), (72, 300))
@@ -262,10 +326,13 @@ def main():
         print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__, flush=True)
     if args.outliers:
         return outliers(args, time_kernel, time_fp16, rotate, device, shapes)
+    if args.prologue:
+        return prologue_ab(args, time_kernel, time_fp16, rotate, device, shapes)
     if args.regs:
         return regs(args, time_kernel, time_fp16, rotate, device, shapes)
     cands, ms, check_ms = ((WIDE, (64, 128), (64, 65, 128)) if args.wide else
-                           (LARGE, (256, 512), (256, 257, 512)) if args.large else (CANDS, MS, MS))
+                           (LARGE, (256, 512), (256, 257, 512)) if args.large else
+                           (NARROW, (4, 16, 32), (3, 16, 17, 32)) if args.narrow else (CANDS, MS, MS))
     check(device, shapes[:2], args.asym, cands, check_ms)
     print(f"[{time.time() - t0:.0f}s] weights: {'asymmetric' if args.asym else 'symmetric'}, 3-bit per channel",
           flush=True)
@@ -315,7 +382,7 @@ def main():
                   + " ".join(f"{u:.1f}" for u, _ in res)
                   + f" | best {cfg0} {us0:.1f} = {base / us0:.2f}x fp16, {old / us0:.2f}x {base_name} | 0.5% {us5:.1f} "
                   f"({us5 / us0 - 1:+.0%}){swap5} |", flush=True)
-        if args.wide or args.large:
+        if args.wide or args.large or args.narrow:
             del p0u
             continue
         # the GEMV on both word layouts (same codes), table configs

@@ -209,10 +209,14 @@ def mean_ms(before, after):
     return out
 
 
-# kernel name pieces -> the kind a decode step's device time is summed by (first match wins)
-KERNEL_KINDS = (("quantease", ("qgemv_half2", "qgemm_half2", "dequant_half2", "ell_", "qgemm_swap", "qgemv")),
-                ("fp16 GEMM (lm_head)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
-                ("attention", ("flash", "fmha", "attn", "paged")),
+# kernel name pieces -> the kind a decode step's device time is summed by (first match wins: FlashAttention 3's
+# kernels are cutlass::device_kernel<flash::...>, so attention is tested before the GEMMs; run 7 counted them as
+# GEMMs).  "copy / fill": torch's copies and fills -- for quantease the outlier epilogue's x^T copy and the split-K
+# zeroing of out, one of each per layer call.
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attn", "paged", "reshape_and_cache")),
+                ("quantease", ("qgemv_half2", "qgemm_half2", "dequant_half2", "ell_", "qgemm_swap", "qgemv")),
+                ("copy / fill", ("direct_copy", "fillfunctor", "copy_kernel")),
+                ("fp16 GEMM", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
                 ("norm / act / rope", ("rms", "norm", "silu", "act_and_mul", "rotary", "rope")))
 
 

@@ -138,9 +138,15 @@ def test_kernel_kinds_and_per_step_time():
     """The profile's kinds (first match wins: our kernels before any generic 'gemm') and the 1-token run's kernels
     subtracted from the (1 + N)-token run's, per step."""
     names = {"qgemv_half2_kernel": "quantease", "qgemm_half2_kernel": "quantease", "ell_add_kernel": "quantease",
-             "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTT": "fp16 GEMM (lm_head)",
-             "sm90_xmma_gemm_f16f16_f16f32": "fp16 GEMM (lm_head)",
+             "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTT": "fp16 GEMM",
+             "sm90_xmma_gemm_f16f16_f16f32": "fp16 GEMM",
              "void flash::FlashAttnFwdSm90<...>": "attention",
+             # FlashAttention 3 as vLLM 0.26 runs it (run 7): a cutlass kernel, but attention
+             "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...>": "attention",
+             "void vllm::reshape_and_cache_flash_kernel<unsigned short>": "attention",
+             "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+             "direct_copy_kernel_cuda": "copy / fill",
+             "void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<c10::Half>": "copy / fill",
              "fused_add_rms_norm_kernel<c10::Half>": "norm / act / rope",
              "triton_poi_fused_mul_silu_0": "norm / act / rope",
              "void at::native::vectorized_elementwise_kernel": "other"}

@@ -136,7 +136,19 @@ def test_unsupported_inputs_raise_one_clear_error():
     assert p128["zeros"].dtype == torch.uint8 and not gemm_half2.supports(p128, x)
 
 
+def test_outlier_path_rule():
+    """The epilogue by default; after the GEMM for few rows on layers with many slots, and above FUSED_MAX_BM."""
+    big = gemm_half2.SPLIT_ADD_MIN_SLOTS
+    assert gemm_half2.pick_outlier_path(2, 8192, 41, 16) == "fused"  # 8192^2 at 0.5%: 336 k slots
+    assert gemm_half2.pick_outlier_path(2, 28672, 41, 16) == "split"  # 1.18 M slots
+    assert gemm_half2.pick_outlier_path(gemm_half2.SPLIT_ADD_MAX_M, big, 1, 16) == "split"
+    assert gemm_half2.pick_outlier_path(gemm_half2.SPLIT_ADD_MAX_M + 1, big, 1, 16) == "fused"
+    assert gemm_half2.pick_outlier_path(2, big, 1, 16, outliers_only=True) == "fused"
+    assert gemm_half2.pick_outlier_path(64, 8192, 41, 64) == "ell"
+
+
 def test_config_table():
+    assert gemm_half2.pick_config(2) == gemm_half2.CONFIGS[2]
     assert gemm_half2.pick_config(3) == gemm_half2.CONFIGS[16]
     assert gemm_half2.pick_config(17) == gemm_half2.CONFIGS[32]
     assert gemm_half2.pick_config(999) == gemm_half2.CONFIGS[gemm_half2.MAX_M]
@@ -169,6 +181,16 @@ def test_outlier_paths(path, m):
     """The three places the outliers can be added (epilogue, ell_add after, ell_split_add after) give the same y."""
     w, p, x, b, out = make(50, 900, -1, 0.05, False, m, torch.float16, True, seed=m)
     y = gemm_half2.qgemm_half2(x, p, b, out, outlier_path=path)
+    check(y, reference64(x, w, 3, -1, 900, b), torch.float16)
+
+
+@needs_triton
+def test_default_split_add(monkeypatch):
+    """The default path where pick_outlier_path picks the split add (threshold lowered to this small layer's slots)."""
+    w, p, x, b, out = make(50, 900, -1, 0.05, False, 3, torch.float16, True, seed=3)
+    monkeypatch.setattr(gemm_half2, "SPLIT_ADD_MIN_SLOTS", 50 * p["outlier_idx"].shape[1])
+    assert gemm_half2.pick_outlier_path(3, 50, p["outlier_idx"].shape[1], 16) == "split"
+    y = gemm_half2.qgemm_half2(x, p, b, out)
     check(y, reference64(x, w, 3, -1, 900, b), torch.float16)
 
 

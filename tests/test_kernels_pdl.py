@@ -21,6 +21,9 @@ def test_off_on_cpu_and_by_env(monkeypatch):
     assert not pdl.enabled(x)
     monkeypatch.setenv(pdl.ENV, "0")
     assert not pdl.enabled(x)
+    monkeypatch.setenv(pdl.ENV, "late")
+    assert pdl.enabled(x) == 0  # CPU: never
+    assert pdl.enabled(x, pdl.LATE) == 0
     monkeypatch.setenv(pdl.ENV, "yes")
     with pytest.raises(QuantEaseError, match="QUANTEASE_PDL"):
         pdl.enabled(x)
@@ -55,10 +58,12 @@ def check_chain(layers, x0, final):
 @gpu
 @pytest.mark.parametrize("m", (1, 2, 16, 64))
 @pytest.mark.parametrize("graph", (False, True))
-def test_chain_of_dependent_layers(m, graph, monkeypatch):
-    monkeypatch.setenv(pdl.ENV, "1")
+@pytest.mark.parametrize("mode", ("1", "late"))
+def test_chain_of_dependent_layers(m, graph, mode, monkeypatch):
+    monkeypatch.setenv(pdl.ENV, mode)
     layers = chain_layers(4, 2048, -1, 0.005, False)
-    assert pdl.enabled(torch.zeros(1, device="cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    want = pdl.MODES[mode] if torch.cuda.get_device_capability()[0] >= 9 else 0
+    assert pdl.enabled(torch.zeros(1, device="cuda")) == want
     bufs = [torch.empty(m, 2048, device="cuda", dtype=torch.float16) for _ in range(2)]
     run_chain(layers, bufs)  # compile outside any capture
     torch.cuda.synchronize()

@@ -11,9 +11,10 @@ holds (two consecutive k of a row).  So for every slot s of every block:
                                                                per TWO weights, straight into the A fragment
     acc [BN, BM] += tl.dot(c_s [BN, 16], x^T [16, BM])          x^T = x[:, 256 b + 16 s ..+ 16] (L2 reads)
 
-A dot in a 1-warp program (M <= 32) is mma.sync (HMMA.16816), the operands in registers: the role tiles take one
-pass through shared memory per block (ldmatrix into the fragment layout), and so do the x^T tiles.  With 4 or 8
-warps (M = 33..256) it is a wgmma whose A operand is the unpacked tile in registers (x^T from shared memory).
+A dot in a 1-warp program (the table's M = 2 entry) is mma.sync (HMMA.16816), the operands in registers: the role
+tiles take one pass through shared memory per block (ldmatrix into the fragment layout), and so do the x^T tiles.
+With 4 or 8 warps (M = 3..256 in the table since session 11) it is a wgmma whose A operand is the unpacked tile in
+registers (x^T from shared memory, one tile for all BN rows of the program).
 sm_90 AOT (triton 3.6), K loop per 256-column block at BN = 32: 607 instructions for 8192 weights, against 1345
 for gemm_swap.py's 1-warp loop on the bit planes (its unpack is 2 LOP3 + FADD + half an F2FP per weight).  The loop is
 software-pipelined (PIPE 2, triton's pipeliner: the next block's role tiles and 16 x tiles as cp.async copies, one
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from quantease.errors import QuantEaseError
-from quantease.kernels import gemm_swap, pdl
+from quantease.kernels import gemm_swap, pdl, prologue
 from quantease.kernels.outliers import ell_add, ell_split_add
 from quantease.kernels.prepare import has_q8_words
 
@@ -42,8 +43,17 @@ from quantease.kernels.prepare import has_q8_words
 # slot's barrier) at 8192^2 M = 2 / 16: (16, 64) 17.8 / 23.2 vs 27.2 / 31.5 us; BN 32 20.5 / 33.1, BN 16 31.4 / 57.7,
 # PIPE 3 (BN 32) 22.7 / 39.4; M = 32 (32, 64) 31.9 us.
 CONFIGS = {
-    16: (16, 64, 1, 0, 2),
-    32: (32, 64, 1, 0, 2),
+    2: (16, 64, 1, 0, 2),
+    # M = 3-32 on warp groups: the dot is a wgmma (64 weight rows per warp group, N = BM) with the unpacked tile as
+    # register A, and one x^T tile in shared memory serves BN rows -- the 1-warp programs above each read their own
+    # x^T from L2, ~1.3 x bytes per word byte.  H100, session 11 (kernels_half2.py --narrow; 4096^2 / 8192^2 /
+    # 28672x8192 / 8192x28672), against the 1-warp (16, 64, 1) / (32, 64, 1): M = 16 (16, 128, 4) 9.7 / 21.3 / 57.3 /
+    # 58.5 us vs 10.2 / 26.0 / 89.7 / 70.8 ((16, 64, 4) 9.5 / 25.9 / 67.3 / 75.8; 8 warps lost); M = 4 the same
+    # config 9.2 / 18.7 / 52.8 / 51.1 vs 8.9 / 19.9 / 58.4 / 51.5; M = 32 (32, 128, 4) 11.0 / 26.1 / 76.2 / 77.2 vs
+    # 13.2 / 35.5 / 116.0 / 102.5 ((32, 256, 8) 12.5 / 23.8 / 78.7 / 68.7: better at K = 8192 / 28672, worse at
+    # K = 4096, the decode shapes of Llama-3-8B).  M = 2 keeps the 1-warp entry (not timed on warp groups).
+    16: (16, 128, 4, 0, 2),
+    32: (32, 128, 4, 0, 2),
     # M = 33-128 with 4 / 8 warps: the dot is a wgmma with the unpacked tile as its register A operand (sm_90 AOT:
     # 656 loop instructions per 32 x 256 weights per warp at (64, 128, 4), 2 HGMMA per slot, x^T by descriptor).
     # H200, session 7 (kernels_half2.py --wide --asym; 4096^2 / 8192^2 / 28672x8192 / 8192x28672), against
@@ -69,6 +79,17 @@ MAX_M = max(CONFIGS)
 # M = 2 too: ahead of the half2 GEMV at M = 2 (same call, asymmetric): 8192^2 17.8 vs 19.5 us, 28672x8192 52.3 vs
 # 79.8, 8192x28672 44.9 vs 55.9, 4096^2 8.2 vs 8.0
 MIN_M = 2
+# Outliers added after the GEMM by ell_split_add instead of the epilogue at M <= 4 on layers with >= 2^20 slots
+# (N x R).  H100, 0.5% outliers, epilogue vs split: session 9 (1-warp configs) M = 2 8192x28672 76.6 vs 60.5 us,
+# 28672x8192 72.6 vs 64.2, M = 4 77.0 vs 66.5 / 77.5 vs 71.6; session 11 (kernels_half2.py --outliers, M = 4 on
+# (16, 128, 4)) M = 2 83.9 vs 62.7 / 77.5 vs 64.5, M = 4 71.1 vs 68.1 / 72.9 vs 67.1 -- while 8192^2 (336 k slots)
+# lost in both (M = 2 23.5 vs 24.4, M = 4 22.9 vs 25.8) and every shape at M >= 16 (8192^2 M = 16 25.9 vs 37.4).
+SPLIT_ADD_MAX_M = 4
+SPLIT_ADD_MIN_SLOTS = 1 << 20
+# The x^T copy (fused outliers gathering from x^T) and the zeroing of out (split K) as one launch (kernels/prologue.py)
+# instead of torch's copy and fill: one launch less per such call (128 per decode step at batch 32 in vLLM).  Off
+# until a GPU run has timed it (benchmarks/kernels_half2.py --prologue).
+FUSED_PROLOGUE = False
 # The outlier epilogue is gemm_swap.add_outliers (a loop of BR-slot steps).  H200, session 6, 0.5% outliers (the loop:
 # +23-56% over 0%; kernels_half2.md): the split's slots prefetched into L2 first -2..+9 points, 2 / 4 slots per step
 # -18..+19 / -24..+12 (4 wins at K = 28672 only), 2 / 3 / 4 steps unrolled per iteration 0..+25 / -3..+5 / +1..+17
@@ -89,6 +110,16 @@ def pick_config(m):
         if m <= bucket:
             return CONFIGS[bucket]
     return CONFIGS[max(CONFIGS)]
+
+
+def pick_outlier_path(m, n, r, bm, outliers_only=False):
+    """Where qgemm_half2 adds the outliers by default: the epilogue ("fused") up to gemm_swap.FUSED_MAX_BM rows per
+    tile, except for few rows of x on layers with many slots ("split": outliers.ell_split_add after the GEMM, whose
+    programs each walk a few slots while the epilogue walks its split's share serially); "ell" above."""
+    if bm > gemm_swap.FUSED_MAX_BM and not outliers_only:
+        return "ell"
+    many = m <= SPLIT_ADD_MAX_M and n * r >= SPLIT_ADD_MIN_SLOTS
+    return "split" if many and not outliers_only else "fused"
 
 
 def supports(p, x):
@@ -303,6 +334,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
             acc += part * sb[:, None]
         else:
             acc = part
+    pdl.start_late(PDL)  # mode LATE: the next kernel's programs overlap only this one's epilogue and store
     if not GROUPED:
         acc = acc * tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS:
@@ -336,7 +368,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only.
     outlier_path: "fused" (the epilogue), "ell" (outliers.ell_add after the GEMM), "split" (outliers.ell_split_add
     after it: many short programs, the GEMM keeps its registers); None: fused up to gemm_swap.FUSED_MAX_BM rows
-    per tile, else ell.  use_pdl: programmatic dependent launch (kernels/pdl.py; None: pdl.enabled(x)): the zeros and
+    per tile (split for few rows and many slots: pick_outlier_path), else ell.  use_pdl: programmatic dependent launch (kernels/pdl.py; None: pdl.enabled(x)): the zeros and
     the first two blocks' words (an L2 prefetch) are requested while the kernel before finishes."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
@@ -357,17 +389,21 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     split, bps = gemm_swap.split_blocks(k, split)
     words = p["words"].view(torch.int16)
     zeros, oi, ov = p["zeros"], p["outlier_idx"], p["outlier_val"]
-    # outliers in the epilogue up to gemm_swap.FUSED_MAX_BM rows per tile, else the ELL launch after the GEMM
     if outlier_path not in (None, "fused", "ell", "split"):
         raise QuantEaseError(f"outlier_path {outlier_path!r} is not one of None, 'fused', 'ell', 'split'")
     if outlier_path is None:
-        outlier_path = "fused" if bm <= gemm_swap.FUSED_MAX_BM or outliers_only else "ell"
+        outlier_path = pick_outlier_path(m, n, oi.shape[1] if oi is not None else 0, bm, outliers_only)
     fused = oi is not None and outlier_path == "fused"
     r = oi.shape[1] if fused else 0
     os_ = os_ if r > 0 and not outliers_only else 0
-    xt, sxt, sxtm = gemm_swap.epilogue_x(x, n, r, gather_x)
-    if split + os_ > 1:
-        out.zero_()
+    zero = split + os_ > 1  # the splits add into out with atomics
+    transpose = r > 0 and not (gemm_swap.pick_gather_x(m, n, r) if gather_x is None else gather_x)
+    if FUSED_PROLOGUE and zero and transpose:  # the x^T copy and the zeroing in one launch
+        xt, sxt, sxtm = prologue.prologue(x, out, True, True)
+    else:
+        xt, sxt, sxtm = gemm_swap.epilogue_x(x, n, r, gather_x)
+        if zero:
+            out.zero_()
     br = br or gemm_swap.epilogue_br(warps, bm, bn)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), os_ + split)
     use_pdl = pdl.enabled(x, use_pdl)
@@ -382,7 +418,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
         HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split + os_ > 1, ATOMIC=x.is_cuda,
         BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 else 0,
-        PDL=use_pdl, PF=2 if use_pdl and asm else 0,
+        PDL=use_pdl, PF=2 if use_pdl == pdl.EARLY and asm else 0,
         num_warps=warps, num_stages=1, **({"maxnreg": nreg} if nreg and x.is_cuda else {}),
         **pdl.launch_kwargs(use_pdl))
     if oi is not None and outlier_path == "ell":

@@ -551,6 +551,7 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
         y0, y1, y2, y3 = _step(full, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, Mloc,
                                s_ptr, z_ptr, offs_n, mask_n, blk, NBLK, stride_s, stride_z,
                                BF16, ASM, BM, False, Q, BKB, PER_CHANNEL, HAS_ZEROS, GB)
+    pdl.start_late(PDL)  # mode LATE: the next kernel's programs overlap only this one's epilogue and store
     s = tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)
     bias = 0.0
     if HAS_BIAS:

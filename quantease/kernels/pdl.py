@@ -10,8 +10,11 @@ The rule every PDL kernel here keeps: before gdc_wait() it reads only the layer'
 zeros, outlier tables) and writes nothing; x, out and everything else come after it.  gdc_wait() is a no-op
 when the kernel was launched without PDL, so one compiled kernel serves both.
 
-Off unless QUANTEASE_PDL=1 (sm_90 and newer only; the CPU interpreter never uses it): it waits on its GPU
-timing (benchmarks/kernels.py --bench --pdl-ab) before it becomes the default.
+Off unless QUANTEASE_PDL is 1 or late (sm_90 and newer only; the CPU interpreter never uses it).  1 (EARLY) lets
+the next kernel launch from this one's top, late (LATE) only after this one's K loop, so that the next kernel's
+programs overlap only the epilogue and store instead of contending with the whole loop (H100, session 10: EARLY
+slower on 20 of 24 benchmark rows, benchmarks/results/kernels_h100.md).  Both wait on their GPU timing
+(benchmarks/kernels.py --bench --pdl-ab MODE) before either becomes the default.
 """
 import functools
 import os
@@ -24,6 +27,8 @@ from quantease.errors import QuantEaseError
 
 ENV = "QUANTEASE_PDL"
 DEFAULT = "0"
+EARLY, LATE = 1, 2  # the kernels' PDL constexpr: where the next kernel may launch (0: launched without PDL)
+MODES = {"0": 0, "1": EARLY, "late": LATE}
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,15 +38,16 @@ def _capable(index):
 
 
 def enabled(x, want=None):
-    """True when a kernel reading x should be launched with PDL: want (a caller's explicit choice, CUDA only), or
-    when None $QUANTEASE_PDL=1 on sm_90+."""
+    """The PDL mode (0, EARLY or LATE) for a kernel reading x: want (a caller's explicit choice: a mode, True for
+    EARLY; CUDA only), or when None $QUANTEASE_PDL on sm_90+."""
     if want is not None:
-        return bool(want) and x.is_cuda
+        return int(want) if x.is_cuda else 0
     flag = os.environ.get(ENV, DEFAULT) or DEFAULT
-    if flag not in ("0", "1"):
-        raise QuantEaseError(f"${ENV}={flag!r}: 0 (off) or 1 (on, sm_90 and newer; default {DEFAULT})")
-    return flag == "1" and x.is_cuda and _capable(x.device.index if x.device.index is not None else
-                                                  torch.cuda.current_device())
+    if flag not in MODES:
+        raise QuantEaseError(f"${ENV}={flag!r}: 0 (off), 1 (on, the next kernel launches from the top) or late "
+                             f"(on, from after the K loop); sm_90 and newer; default {DEFAULT}")
+    capable = x.is_cuda and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return MODES[flag] if capable else 0
 
 
 def launch_kwargs(on):
@@ -51,8 +57,16 @@ def launch_kwargs(on):
 
 @triton.jit
 def start(PDL: tl.constexpr):
-    """Let the next kernel on the stream launch (its programs fill the SMs' free slots and stall at their wait)."""
-    if PDL:
+    """At the kernel's top: let the next kernel on the stream launch (mode EARLY; its programs fill the SMs' free
+    slots and stall at their wait)."""
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def start_late(PDL: tl.constexpr):
+    """After the K loop: the same for mode LATE."""
+    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 
