@@ -367,9 +367,10 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
                K loop, at the price of spills; 0 / None: ptxas' choice
     outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only.
     outlier_path: "fused" (the epilogue), "ell" (outliers.ell_add after the GEMM), "split" (outliers.ell_split_add
-    after it: many short programs, the GEMM keeps its registers); None: fused up to gemm_swap.FUSED_MAX_BM rows
-    per tile (split for few rows and many slots: pick_outlier_path), else ell.  use_pdl: programmatic dependent launch (kernels/pdl.py; None: pdl.enabled(x)): the zeros and
-    the first two blocks' words (an L2 prefetch) are requested while the kernel before finishes."""
+    after it: many short programs, the GEMM keeps its registers); None: pick_outlier_path (fused up to
+    gemm_swap.FUSED_MAX_BM rows per tile, split for few rows and many slots, else ell).  use_pdl: programmatic
+    dependent launch (kernels/pdl.py; None: pdl.enabled(x)): the zeros and the first two blocks' words (an L2
+    prefetch) are requested while the kernel before finishes."""
     if not supports(p, x):
         raise QuantEaseError("qgemm_half2 needs fp16/bf16 x and 3-bit half2 words at Q = 8 with 16-bit zeros "
                              "(gemv_half2.add_layout: per channel or groups of a multiple of 256); got "

@@ -27,7 +27,8 @@ def prologue_kernel(x_ptr, xt_ptr, out_ptr, M, K, N, stride_xm, stride_xt, strid
             offs_m = m0 + tl.arange(0, BM)
             mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
             v = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-            tl.store(xt_ptr + offs_k[None, :] * stride_xt + offs_m[:, None], v, mask=mask)
+            # stored as a [BK, BM] tile (triton moves it through shared memory: both sides stay coalesced)
+            tl.store(xt_ptr + offs_k[:, None] * stride_xt + offs_m[None, :], tl.trans(v), mask=tl.trans(mask))
     if ZERO:  # out[:, this program's BZ columns] = 0
         offs_n = pid * BZ + tl.arange(0, BZ)
         zero = tl.zeros((BZ,), dtype=out_ptr.dtype.element_ty)
