@@ -71,3 +71,19 @@ def test_capped_top_support():
     assert torch.equal(loose.sort(1).values, torch.topk(score, 5, dim=1).indices.sort(1).values)
     with pytest.raises(ValueError, match="fewer than R"):  # 3 blocks x cap 1 < R = 5
         outlier_blocks.capped_top(score, 5, 1)
+
+
+def test_lm_head_sigma_is_its_inputs_gram():
+    """benchmarks/lm_head_quality.py: Σ of the lm_head's inputs equals XᵀX of the final hidden states."""
+    import lm_head_quality
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.randint(0, 64, (3, 7))
+    sigma = lm_head_quality.head_sigma(model, ids)
+    with torch.no_grad():
+        h = torch.cat([model(row[None], output_hidden_states=True).hidden_states[-1][0] for row in ids])
+    assert sigma.shape == (32, 32)
+    assert torch.allclose(sigma, (h.t().double() @ h.double()).float(), rtol=1e-4, atol=1e-4)
