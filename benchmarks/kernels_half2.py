@@ -213,28 +213,28 @@ def prologue_ab(args, time_kernel, time_fp16, rotate, device, shapes):
     two launches) and on (kernels/prologue.py: one), at the M where both are needed (x^T gathered, K split)."""
     from quantease.kernels import gemm_half2
 
+    def with_prologue(on, fn):
+        old, gemm_half2.FUSED_PROLOGUE = gemm_half2.FUSED_PROLOGUE, on
+        try:
+            return fn()
+        finally:
+            gemm_half2.FUSED_PROLOGUE = old
+
     f, w = open_csv(args, "half2_prologue", ["variant"])
     fp16, t0 = {}, time.time()
     for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
         for m in args.outlier_ms:
             base = time_fp16(n, k, m, fp16)
             x = torch.randn(m, k, device=device).half()
-            ys = []
-            for on in (False, True):  # the same sums both ways (split-K atomics: not bit-equal)
-                old, gemm_half2.FUSED_PROLOGUE = gemm_half2.FUSED_PROLOGUE, on
-                try:
-                    ys.append(gemm_half2.qgemm_half2(x, p5[0], None, torch.full((m, n), float("nan"), device=device,
-                                                                                dtype=x.dtype)).double())
-                finally:
-                    gemm_half2.FUSED_PROLOGUE = old
+            # the same sums both ways (split-K atomics: not bit-equal)
+            ys = [with_prologue(on, lambda: gemm_half2.qgemm_half2(
+                x, p5[0], None, torch.full((m, n), float("nan"), device=device, dtype=x.dtype)).double())
+                  for on in (False, True)]
             err = ((ys[1] - ys[0]).norm() / ys[0].norm()).item()
             cells = [f"agree {err:.0e}" + ("" if err < 1e-3 else " MISMATCH")]
             for name, on in (("two_launches", False), ("prologue", True)):
-                old, gemm_half2.FUSED_PROLOGUE = gemm_half2.FUSED_PROLOGUE, on
-                try:
-                    us = time_kernel(p5, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
-                finally:
-                    gemm_half2.FUSED_PROLOGUE = old
+                us = with_prologue(on, lambda: time_kernel(p5, m, lambda x, q, o: gemm_half2.qgemm_half2(
+                    x, q, None, o)))
                 w.writerow([n, k, m, 0.005, "half2_" + name, str(gemm_half2.pick_config(m)), f"{us:.2f}",
                             f"{base:.2f}", f"{base / us:.3f}"])
                 cells.append(f"{name} {us:.1f}")

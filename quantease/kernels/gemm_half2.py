@@ -398,8 +398,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     r = oi.shape[1] if fused else 0
     os_ = os_ if r > 0 and not outliers_only else 0
     zero = split + os_ > 1  # the splits add into out with atomics
-    transpose = r > 0 and not (gemm_swap.pick_gather_x(m, n, r) if gather_x is None else gather_x)
-    if FUSED_PROLOGUE and zero and transpose:  # the x^T copy and the zeroing in one launch
+    if FUSED_PROLOGUE and zero and gemm_swap.needs_xt(m, n, r, gather_x):  # the x^T copy and the zeroing in one launch
         xt, sxt, sxtm = prologue.prologue(x, out, True, True)
     else:
         xt, sxt, sxtm = gemm_swap.epilogue_x(x, n, r, gather_x)

@@ -328,12 +328,17 @@ def pick_gather_x(m, n, r):
     return r > 0 and m <= GATHER_X_MAX_M and n * r * (m - 1) <= GATHER_X_MAX_SECTORS
 
 
+def needs_xt(m, n, r, gather_x=None):
+    """True when the fused outlier epilogue for r slots per row gathers from an x^T copy rather than from x itself
+    (gather_x: the caller's choice; None: pick_gather_x)."""
+    return r > 0 and not (pick_gather_x(m, n, r) if gather_x is None else gather_x)
+
+
 def epilogue_x(x, n, r, gather_x=None):
     """What the fused outlier epilogue (add_outliers) gathers from, with its (k, m) strides, for r slots per row: x
     itself (r = 0, or where pick_gather_x finds the extra sectors few: M sectors per slot, no copy) or an x^T copy
     made here (one BM-contiguous sector per slot, one more launch)."""
-    gx = pick_gather_x(x.shape[0], n, r) if gather_x is None else gather_x
-    if r == 0 or gx:
+    if not needs_xt(x.shape[0], n, r, gather_x):
         return x, 1, x.stride(0)
     xt = x.t().contiguous()
     return xt, xt.stride(0), 1
