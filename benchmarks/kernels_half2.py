@@ -15,6 +15,7 @@ device command:
 --outliers: only the 0.5%-outlier epilogue variants of the table config (see outliers()).
 --regs: the table config at 0% and 0.5% with ptxas register caps (config element NREG, see regs()).
 --narrow: M = 4 / 16 / 32, the 1-warp table entry against 4- / 8-warp (wgmma) candidates (NARROW).
+--ms M,M: --narrow / --wide / --large at these M instead (each M times its bucket's candidates).
 --prologue: at 0.5% outliers, the x^T copy and the split-K zeroing as two launches or one (see prologue_ab()).
 --outliers / --prologue take --outlier-ms (M values) and --outliers --variants (names).
 """
@@ -46,10 +47,12 @@ CANDS = {
 # (64, 256, 4) won M = 128 on every shape (now CONFIGS[128]); its M = 64 entry was added after that call
 WIDE = {
     64: [(64, 128, 8, 0, 2), (64, 128, 4, 0, 2), (64, 64, 4, 0, 2), (64, 128, 8, 2, 2), (64, 256, 8, 0, 2),
-         (64, 256, 4, 0, 2)],
+         (64, 256, 4, 0, 2), (32, 128, 4, 0, 2)],
     128: [(128, 128, 8, 0, 2), (128, 64, 4, 0, 2), (64, 128, 8, 0, 2), (128, 128, 8, 2, 2), (64, 256, 8, 0, 2),
-          (64, 256, 4, 0, 2)],
+          (64, 256, 4, 0, 2), (64, 128, 4, 0, 2), (32, 128, 4, 0, 2)],
 }
+# (session 12) the last of each: the M = 16 / 32 winners' narrower x tiles -- (32, 128, 4) at M = 64 runs two
+# programs per weight tile (each decodes it; the second reads the words from L2), (64, 128, 4) at M = 128 the same
 
 
 # --large (session 8, not yet timed): M = 256 / 512 on gemm_half2 (each 64- or 128-row tile decodes the weights once)
@@ -165,7 +168,9 @@ def open_csv(args, stem, columns):
 
 
 def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
-    """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR 4 slots per step,
+    """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR 1 / 4 slots per step,
+    IL (the slot steps inside the K loop, one per block; BR 1 or the table's; session 12: sm_90 AOT at (16, 128, 4)
+    95 -> 167 registers at BR 1, 116 -> 244 at BR 2),
     OS = 1 / 2 / 4 outlier-only programs per weight tile beside the K splits (scheduled first), PRE = 2 / 4 slots
     per split loaded before the K loop, and the epilogue
     alone (the K loop skipped: launch, x^T copy, zeroing, outlier adds, atomics).  Session 6 calls 4 and 6 and
@@ -194,6 +199,9 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
                                               ("os2_br4", tab[:5] + (4, 2), None, False, None),
                                               ("pre2", tab[:5] + (None, 0, 2), None, False, None),
                                               ("pre4", tab[:5] + (None, 0, 4), None, False, None),
+                                              ("br1", tab[:5] + (1,), None, False, None),
+                                              ("il", tab[:5] + (None, 0, 0, 0, 1), None, False, None),
+                                              ("il_br1", tab[:5] + (1, 0, 0, 0, 1), None, False, None),
                                               ("epilogue_alone", tab, None, True, None)):
                 if want is not None and name not in want:
                     continue
@@ -311,6 +319,8 @@ def main():
                     help="only M = 4, 16, 32: the 1-warp table entry vs 4- / 8-warp (wgmma) candidates")
     ap.add_argument("--large", action="store_true",
                     help="only M = 256, 512: gemm_half2 candidates vs the words' dequant + cuBLAS")
+    ap.add_argument("--ms", default="", help="--narrow / --wide / --large: these M values instead of the mode's (each "
+                    "times its bucket's candidates; e.g. --narrow --ms 2)")
     args = ap.parse_args()
     args.outlier_ms = [int(m) for m in args.outlier_ms.split(",")]
     os.makedirs(args.out, exist_ok=True)
@@ -333,6 +343,8 @@ def main():
     cands, ms, check_ms = ((WIDE, (64, 128), (64, 65, 128)) if args.wide else
                            (LARGE, (256, 512), (256, 257, 512)) if args.large else
                            (NARROW, (4, 16, 32), (3, 16, 17, 32)) if args.narrow else (CANDS, MS, MS))
+    if args.ms:
+        ms = check_ms = tuple(int(m) for m in args.ms.split(","))
     check(device, shapes[:2], args.asym, cands, check_ms)
     print(f"[{time.time() - t0:.0f}s] weights: {'asymmetric' if args.asym else 'symmetric'}, 3-bit per channel",
           flush=True)

@@ -329,11 +329,28 @@ def wait_gpu_free(limit=30):
     print(f"[run] warning: only {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free on the GPU", flush=True)
 
 
-def run_measure(label, model_dir, args, out, eager=False, profile=False):
+def parse_model(spec):
+    """'quantease' or a variant 'quantease@QUANTEASE_PDL=1[@VAR=VALUE ...]' (the same checkpoint, measured with these
+    variables set): (kind, {var: value}); ValueError naming the problem."""
+    kind, *pairs = spec.split("@")
+    if kind not in MODELS:
+        raise ValueError(f"unknown model {kind!r} in {spec!r}; choose from {MODELS} (variants: MODEL@VAR=VALUE)")
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
+    if bad:
+        raise ValueError(f"model variant {spec!r}: {bad[0]!r} is not VAR=VALUE")
+    return kind, dict(p.split("=", 1) for p in pairs)
+
+
+def file_tag(label):
+    """A label as part of a file name ('quantease@QUANTEASE_PDL=1' -> 'quantease_QUANTEASE_PDL_1')."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
+def run_measure(label, model_dir, args, out, eager=False, profile=False, env=None):
     """Measure one model in a child process; returns its rows (with weight GiB from vLLM's log) or [].  profile:
     the child profiles decode steps instead (--profile-batches) with vLLM's engine in its own process (the
-    profiler sees only this process' kernels); returns []."""
-    tag = f"profile_{label}" if profile else label
+    profiler sees only this process' kernels); returns [].  env: variables set for the child (a model variant)."""
+    tag = file_tag(f"profile_{label}" if profile else label)
     log, js = out / f"vllm_{tag}.log", out / f"throughput_{tag}.json"
     cmd = [sys.executable, __file__, "--measure", str(model_dir), "--label", label, "--json", str(js),
            "--batches", args.batches, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
@@ -341,8 +358,9 @@ def run_measure(label, model_dir, args, out, eager=False, profile=False):
            "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem)]
     cmd += ["--eager"] if eager else []
     cmd += ["--profile-batches", args.profile_batches] if profile else []
-    cmd += ["--dummy"] if (label == "fp16" and args.fp16_dummy) else []
-    env = dict(os.environ, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if profile else {}))  # engine in the child
+    cmd += ["--dummy"] if (parse_model(label)[0] == "fp16" and args.fp16_dummy) else []
+    # a variant's variables; profiling keeps vLLM's engine in the child
+    env = dict(os.environ, **(env or {}), **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if profile else {}))
     timeout = args.timeout if args.deadline is None else min(args.timeout, args.deadline - time.time())
     t0 = time.time()
     with open(log, "w") as f:
@@ -383,7 +401,7 @@ def fmt(x, spec):
 
 def table(rows):
     """Markdown table: per batch, decode tok/s and TPOT of each model and the speedup over fp16."""
-    labels = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    labels = sorted(dict.fromkeys(r["model"] for r in rows), key=lambda m: m != "fp16")  # fp16 first, then as run
     decode = {(r["model"], int(r["batch"])): r for r in rows if int(r["new_tokens"]) > 0}
     batches = sorted({b for _, b in decode})
     head = "| batch | " + " | ".join(f"{m} tok/s | {m} TPOT ms" for m in labels)
@@ -438,7 +456,9 @@ def write_csv(rows, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny Llama and short runs (CPU smoke test)")
-    p.add_argument("--models", default="fp16,quantease", help=f"comma-separated, from {MODELS}")
+    p.add_argument("--models", default="fp16,quantease",
+                   help=f"comma-separated, from {MODELS}; MODEL@VAR=VALUE: the same model measured with an "
+                   "environment variable set (e.g. quantease@QUANTEASE_PDL=1)")
     p.add_argument("--work", default="/tmp/quantease-throughput", help="where the synthetic checkpoints go")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="CSV, JSON and vLLM logs")
     p.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,32,128; tiny 1,4)")
@@ -468,31 +488,37 @@ def main():
     if args.measure:
         return measure(args)
     models = [m for m in args.models.split(",") if m]
-    bad = [m for m in models if m not in MODELS]
-    if bad:
-        sys.exit(f"unknown models {bad}; choose from {MODELS}")
+    try:
+        specs = [parse_model(m) for m in models]
+    except ValueError as e:
+        sys.exit(str(e))
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for m in models:
+    sizes = {}
+    for i, (m, (kind, env)) in enumerate(zip(models, specs)):
         if args.deadline is not None and args.deadline - time.time() < 60:
             print(f"[run] {m}: skipped, too close to the deadline", flush=True)
             continue
-        size = make_checkpoint(m, work / m, tiny=args.tiny, dummy=(m == "fp16" and args.fp16_dummy))
+        if kind not in sizes:  # variants of one kind share its checkpoint
+            sizes[kind] = make_checkpoint(kind, work / kind, tiny=args.tiny,
+                                          dummy=(kind == "fp16" and args.fp16_dummy))
+        size = sizes[kind]
         wait_gpu_free()
-        got = run_measure(m, work / m, args, out, eager=args.eager)
+        got = run_measure(m, work / kind, args, out, eager=args.eager, env=env)
         left = float("inf") if args.deadline is None else args.deadline - time.time()
         if not got and not args.eager and left > 120:
             # CUDA graphs / torch.compile untried with the carried vLLM build: an eager number beats none
             print(f"[run] {m}: retrying with enforce_eager (rows are marked eager=True)", flush=True)
-            got = run_measure(m, work / m, args, out, eager=True)
+            got = run_measure(m, work / kind, args, out, eager=True, env=env)
         for r in got:
             r["checkpoint_gib"] = size or None
         rows += got
         left = float("inf") if args.deadline is None else args.deadline - time.time()
         if args.profile_batches and left > 90:
-            run_measure(m, work / m, args, out, eager=args.eager, profile=True)
-        shutil.rmtree(work / m, ignore_errors=True)  # disk: the next model (or quant_time) gets the room
+            run_measure(m, work / kind, args, out, eager=args.eager, profile=True, env=env)
+        if all(k != kind for k, _ in specs[i + 1:]):  # disk: the next model (or quant_time) gets the room
+            shutil.rmtree(work / kind, ignore_errors=True)
         write_csv(rows, out / "throughput.csv")
     print()
     print(table(rows))

@@ -157,3 +157,21 @@ def test_kernel_kinds_and_per_step_time():
     per, kinds = throughput.per_step(first, whole, 4)
     assert per == {"qgemv_half2_kernel": 100.0, "rms_norm_kernel": 10.0, "flash_fwd_prefill": 0.0, "argmax": 1.0}
     assert kinds == {"quantease": 100.0, "norm / act / rope": 10.0, "attention": 0.0, "other": 1.0}
+
+
+def test_model_variants():
+    """MODEL@VAR=VALUE: the same checkpoint measured with a variable set; bad specs name the problem."""
+    assert throughput.parse_model("quantease") == ("quantease", {})
+    assert throughput.parse_model("quantease@QUANTEASE_PDL=1@X=a=b") == ("quantease",
+                                                                          {"QUANTEASE_PDL": "1", "X": "a=b"})
+    with pytest.raises(ValueError, match="unknown model 'int4'"):
+        throughput.parse_model("int4@X=1")
+    with pytest.raises(ValueError, match="'PDL' is not VAR=VALUE"):
+        throughput.parse_model("quantease@PDL")
+    assert throughput.file_tag("quantease@QUANTEASE_PDL=1") == "quantease_QUANTEASE_PDL_1"
+    rows = [dict(model="quantease", batch=1, new_tokens=128, decode_tok_s=300.0, tpot_ms=3.3),
+            dict(model="quantease@QUANTEASE_PDL=1", batch=1, new_tokens=128, decode_tok_s=330.0, tpot_ms=3.0),
+            dict(model="fp16", batch=1, new_tokens=128, decode_tok_s=150.0, tpot_ms=6.6)]
+    text = throughput.table(rows)
+    assert "| batch | fp16 tok/s | fp16 TPOT ms | quantease tok/s" in text  # fp16 first, then in run order
+    assert "| 1 | 150.0 | 6.60 | 300.0 | 3.30 | 330.0 | 3.00 | 2.00x | 2.20x |" in text

@@ -50,14 +50,18 @@ def test_table_config_matches_reference(n, k, group_size, sym, fraction, m, dtyp
 
 # tile shapes, split-K (explicit splits 1, 2, 3 of 5 blocks; auto), the software-pipelined loop (PIPE 2, 3), the
 # BR outlier slots per epilogue step, 2 and 4 warps, OS outlier-only programs (1 / 3 / 2, with 1 / 3 K splits), PRE
-# slots loaded ahead of the K loop (4 and 2 of a split's 12, 16 of its 8)
+# slots loaded ahead of the K loop (4 and 2 of a split's 12, 16 of its 8); IL, the slots added inside the K loop (2 of
+# 5 blocks with 12 slots: 2 per block and 8 left after it; 1 split with 24 slots, 4 per block: 20 in the loop; PRE 2
+# then 1 per block; 4 warps)
 @needs_triton
 @pytest.mark.parametrize("config", ((16, 16, 1, 1), (16, 32, 1, 2), (32, 32, 1, 3), (64, 16, 1, 0), (16, 64, 1, 0),
                                     (32, 32, 2, 2), (16, 32, 1, 2, 2), (16, 32, 1, 3, 3), (32, 16, 1, 1, 2, 2),
                                     (16, 64, 1, 0, 2, 4), (16, 64, 1, 3, 1, 1), (64, 64, 4, 2, 2),
                                     (16, 64, 1, 0, 2, 0, 1), (16, 32, 1, 1, 2, 2, 3), (32, 32, 1, 3, None, 4, 2),
                                     (16, 32, 1, 2, 2, 0, 0, 4), (16, 64, 1, 0, 2, 1, 0, 2),
-                                    (32, 32, 1, 3, 2, 2, 0, 16), (64, 256, 8, 0, 2)))
+                                    (32, 32, 1, 3, 2, 2, 0, 16), (64, 256, 8, 0, 2),
+                                    (16, 32, 1, 2, 2, 2, 0, 0, 0, 1), (16, 64, 1, 1, 2, 4, 0, 0, 0, 1),
+                                    (32, 32, 1, 3, None, 1, 0, 2, 0, 1), (16, 128, 4, 2, 2, 0, 0, 0, 0, 1)))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_tiles_and_splits(config, dtype):
     run(50, 1200, -1, 0.02, False, 37, dtype, True, seed=config[1], config=config)
@@ -68,6 +72,14 @@ def test_tiles_and_splits(config, dtype):
 @pytest.mark.parametrize("m", (3, 16))
 def test_outliers_from_x_or_its_transpose(gather_x, m):
     run(40, 700, 256, 0.05, False, m, torch.float16, False, seed=m, config=(16, 32, 1, 2, 2), gather_x=gather_x)
+
+
+@needs_triton
+@pytest.mark.parametrize("gather_x", (True, False))
+def test_outliers_in_the_k_loop_with_groups(gather_x):
+    """IL with groups of blocks: the loop's slot sums go into acc unscaled (per channel: divided by the scale)."""
+    run(40, 700, 256, 0.05, False, 5, torch.float16, True, seed=3, config=(16, 32, 1, 2, 2, 1, 0, 0, 0, 1),
+        gather_x=gather_x)
 
 
 @needs_triton

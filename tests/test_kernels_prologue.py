@@ -1,11 +1,18 @@
 """kernels/prologue.py (the split-K GEMM's x^T copy and zeroing of out in one launch) against its torch reference,
 on odd shapes and batch sizes; and gemm_half2 with it switched on."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from test_kernels import DEVICE, check, needs_triton, reference64  # first: sets TRITON_INTERPRET
 from test_kernels_gemm_half2 import make
 from quantease.kernels import gemm_half2, prologue
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @needs_triton
@@ -46,3 +53,17 @@ def test_gemm_half2_with_the_fused_prologue(m, monkeypatch):
                                outlier_path="fused")
     assert called  # split 2 and x^T: the prologue ran
     check(y, reference64(x, w, 3, -1, 900, b), torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("flag, want", (("1", "True"), ("0", "False"), ("", "False"),
+                                        ("yes", "$QUANTEASE_PROLOGUE='yes': 0")))
+def test_prologue_env(flag, want):
+    """$QUANTEASE_PROLOGUE turns the one-launch prologue on or off at import (vLLM's processes inherit it); anything
+    else is a one-line error naming the variable."""
+    code = ("from quantease.errors import QuantEaseError\n"
+            "try:\n    from quantease.kernels import gemm_half2; print(gemm_half2.FUSED_PROLOGUE)\n"
+            "except QuantEaseError as e:\n    print(e)")
+    env = dict(os.environ, QUANTEASE_PROLOGUE=flag, PYTHONPATH=str(ROOT))
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert want in got.stdout.strip().splitlines()[-1], got.stdout + got.stderr

@@ -27,6 +27,8 @@ gemm_swap.py (the same helper); SPLIT_K > 1 adds each split's partial with atomi
 
 Off CUDA (the CPU interpreter) the same codes come from plain int16 shifts and masks (ASM False).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +38,7 @@ from quantease.kernels import gemm_swap, pdl, prologue
 from quantease.kernels.outliers import ell_add, ell_split_add
 from quantease.kernels.prepare import has_q8_words
 
-# (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG]]]]]) by M bucket (see qgemm_half2); SPLIT_K 0:
+# (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG[, IL]]]]]]) by M bucket (see qgemm_half2); SPLIT_K 0:
 # gemm_swap.pick_split to SPLIT_TARGET programs.  H200, session 6 (benchmarks/kernels_half2.py --asym,
 # results/kernels_half2.md): the software-pipelined loop (PIPE 2: the next block's words and x tiles by cp.async,
 # one wait per block) against the plain one (a chain of 16 x-tile L2 round trips per block, each behind the previous
@@ -88,8 +90,14 @@ SPLIT_ADD_MAX_M = 4
 SPLIT_ADD_MIN_SLOTS = 1 << 20
 # The x^T copy (fused outliers gathering from x^T) and the zeroing of out (split K) as one launch (kernels/prologue.py)
 # instead of torch's copy and fill: one launch less per such call (128 per decode step at batch 32 in vLLM).  Off
-# until a GPU run has timed it (benchmarks/kernels_half2.py --prologue).
-FUSED_PROLOGUE = False
+# until a GPU run has timed it (benchmarks/kernels_half2.py --prologue); $QUANTEASE_PROLOGUE = 1 / 0 overrides the
+# default (an A/B inside vLLM, whose processes inherit the environment).
+PROLOGUE_ENV, PROLOGUE_DEFAULT = "QUANTEASE_PROLOGUE", "0"
+_prologue_flag = os.environ.get(PROLOGUE_ENV, PROLOGUE_DEFAULT) or PROLOGUE_DEFAULT
+if _prologue_flag not in ("0", "1"):
+    raise QuantEaseError(f"${PROLOGUE_ENV}={_prologue_flag!r}: 0 (torch's copy and fill, two launches) or 1 (one "
+                         f"launch); default {PROLOGUE_DEFAULT}")
+FUSED_PROLOGUE = _prologue_flag == "1"
 # The outlier epilogue is gemm_swap.add_outliers (a loop of BR-slot steps).  H200, session 6, 0.5% outliers (the loop:
 # +23-56% over 0%; kernels_half2.md): the split's slots prefetched into L2 first -2..+9 points, 2 / 4 slots per step
 # -18..+19 / -24..+12 (4 wins at K = 28672 only), 2 / 3 / 4 steps unrolled per iteration 0..+25 / -3..+5 / +1..+17
@@ -103,6 +111,8 @@ FUSED_PROLOGUE = False
 # their gathers after it wait on no load.  Session 8 (kernels_half2.py --asym --outliers, all four shapes, M = 2-32):
 # PRE 2 -6..+10 points against the table's cost (8192^2: +25..+46% vs +25..+37%), PRE 4 -7..+21: no gain, the table
 # keeps PRE 0.  The chain is not the idx load's latency alone (cf. the L2 prefetch of session 6).
+# IL (config element 10, session 12, not timed yet): the epilogue's gather steps moved into the K loop, one per block,
+# so that each step's x^T round trip overlaps the words' DRAM stream instead of following it.
 
 
 def pick_config(m):
@@ -234,14 +244,19 @@ def _xt(x_cols, blk, s: tl.constexpr, q, K, mask_m):
 
 
 @triton.jit
-def _slots_ahead(oi_ptr, ov_ptr, offs_n, mask_n, R, split, stride_oi, stride_ov, PRE: tl.constexpr):
-    """idx, val, mask [BN, PRE] of this split's first PRE outlier slots (the split's share as in add_outliers)."""
-    r_lo, r_hi = gemm_swap.split_slots(R, split)
-    offs_r = r_lo + tl.arange(0, PRE)
+def _slot_tile(oi_ptr, ov_ptr, offs_n, mask_n, offs_r, r_hi, stride_oi, stride_ov):
+    """idx, val, mask [BN, len(offs_r)] of the outlier slots offs_r (those < r_hi)."""
     pmask = mask_n[:, None] & (offs_r[None, :] < r_hi)
     idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=pmask, other=0).to(tl.int32)
     val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=pmask, other=0.0).to(tl.float32)
     return idx, val, pmask
+
+
+@triton.jit
+def _slots_ahead(oi_ptr, ov_ptr, offs_n, mask_n, R, split, stride_oi, stride_ov, PRE: tl.constexpr):
+    """idx, val, mask [BN, PRE] of this split's first PRE outlier slots (the split's share as in add_outliers)."""
+    r_lo, r_hi = gemm_swap.split_slots(R, split)
+    return _slot_tile(oi_ptr, ov_ptr, offs_n, mask_n, r_lo + tl.arange(0, PRE), r_hi, stride_oi, stride_ov)
 
 
 @triton.jit
@@ -279,7 +294,8 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
                        ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
-                       OS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):
+                       OS: tl.constexpr, PRE: tl.constexpr, IL: tl.constexpr, PDL: tl.constexpr,
+                       PF: tl.constexpr):
     # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel.  OS > 0: axis-1 programs
     # 0 .. OS - 1 of each tile add only the outliers (a share of the slots each, no K blocks), the others are the K
     # splits; OS = 0: every split adds a share in its epilogue
@@ -300,10 +316,25 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
     blk1 = min(blk0 + blocks_per_split, tl.cdiv(K, 256))
     if OS > 0:
         blk1 = tl.where(split < OS, blk0, blk1)  # the outlier programs: no K blocks
+    if IL:  # one BR-slot step of this split's outliers per K block, added into acc -- per channel divided by the
+        # row's scale, which multiplies acc after the loop (a second accumulator instead: 205 vs 167 registers at
+        # (16, 128, 4), sm_90 AOT); the first step's indices and values loaded here
+        r_lo, r_hi = gemm_swap.split_slots(R, split)
+        offs_r = r_lo + PRE + tl.arange(0, BR)
+        idx, val, rmask = _slot_tile(oi_ptr, ov_ptr, offs_n, mask_n, offs_r, r_hi, stride_oi, stride_ov)
+        if not GROUPED:
+            inv_s = 1.0 / tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=1.0).to(tl.float32)
     if PF > 0:  # the first PF blocks' words on their way into L2 while the kernel before finishes
         _prefetch_l2(w_ptr, offs_n, N, stride_w, blk0, blk1, PF)
     pdl.wait(PDL)  # above: only this layer's tensors; x, x^T and out below
     for blk in tl.range(blk0, blk1, num_stages=PIPE):
+        if IL:  # this block's step: its gathers (indices loaded a block ago) in flight during the block's math, and
+            # the next step's indices and values on their way
+            xg = tl.load(xt_ptr + idx[:, :, None] * stride_xt + offs_m[None, None, :] * stride_xtm,
+                         mask=rmask[:, :, None] & mask_m[None, None, :], other=0.0)
+            vg = val
+            offs_r += BR
+            idx, val, rmask = _slot_tile(oi_ptr, ov_ptr, offs_n, mask_n, offs_r, r_hi, stride_oi, stride_ov)
         r0 = tl.load(rows + blk * 48, mask=mask_n[:, None], other=0)  # the three role tiles (0 past N)
         r1 = tl.load(rows + blk * 48 + 16, mask=mask_n[:, None], other=0)
         r2 = tl.load(rows + blk * 48 + 32, mask=mask_n[:, None], other=0)
@@ -334,6 +365,9 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
             acc += part * sb[:, None]
         else:
             acc = part
+        if IL:
+            o = tl.sum(xg.to(tl.float32) * vg[:, :, None], axis=1)
+            acc += o if GROUPED else o * inv_s[:, None]
     pdl.start_late(PDL)  # mode LATE: the next kernel's programs overlap only this one's epilogue and store
     if not GROUPED:
         acc = acc * tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=0.0).to(tl.float32)[:, None]
@@ -344,8 +378,11 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
         if OS == 0:
             if PRE > 0:
                 acc = _add_slots_ahead(acc, pidx, pval, pmask, xt_ptr, offs_m, mask_m, stride_xt, stride_xtm, PRE)
+            skip = PRE
+            if IL:  # the slots the K loop added; the rest (more slots than blocks) here
+                skip += (blk1 - blk0) * BR
             acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
-                                         stride_xt, stride_xtm, stride_oi, stride_ov, BR, None, PRE)
+                                         stride_xt, stride_xtm, stride_oi, stride_ov, BR, None, skip)
         elif split < OS:
             acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
                                          stride_xt, stride_xtm, stride_oi, stride_ov, BR, OS)
@@ -355,7 +392,8 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False, outlier_path=None,
                 use_pdl=None):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
-    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG]]]]]) overrides the table:
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG[, IL]]]]]]) overrides
+    the table:
       SPLIT_K  0: auto (gemm_swap.pick_split)
       PIPE     the K loop software-pipelined that deep; None / 1: plain loads
       BR       outlier slots per epilogue step; 0 / None: from gemm_swap.BR_ELEMS
@@ -365,6 +403,9 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
                their gathers after it wait on no load, the rest as before; 0 / None: none
       NREG     registers per thread at most (ptxas maxnreg, CUDA only): more warps per SM for the latency-bound
                K loop, at the price of spills; 0 / None: ptxas' choice
+      IL       True: the split's outlier slots BR at a time inside the K loop, one step per block (the rest, if
+               the split has more steps than blocks, in the epilogue); 0 / None: all in the epilogue (OS 0 only).
+               Per channel it divides by the scales: nonzero ones only (quantease's grids clamp them at 2^-24)
     outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only.
     outlier_path: "fused" (the epilogue), "ell" (outliers.ell_add after the GEMM), "split" (outliers.ell_split_add
     after it: many short programs, the GEMM keeps its registers); None: pick_outlier_path (fused up to
@@ -385,6 +426,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     os_ = (cfg[6] if len(cfg) > 6 else 0) or 0
     pre = (cfg[7] if len(cfg) > 7 else 0) or 0
     nreg = (cfg[8] if len(cfg) > 8 else 0) or 0
+    il = (cfg[9] if len(cfg) > 9 else 0) or 0
     if split == 0:
         split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET if warps == 1 else SPLIT_TARGET_WARPS)
     split, bps = gemm_swap.split_blocks(k, split)
@@ -418,6 +460,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
         HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split + os_ > 1, ATOMIC=x.is_cuda,
         BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 else 0,
+        IL=bool(il) and r > 0 and os_ == 0,
         PDL=use_pdl, PF=2 if use_pdl == pdl.EARLY and asm else 0,
         num_warps=warps, num_stages=1, **({"maxnreg": nreg} if nreg and x.is_cuda else {}),
         **pdl.launch_kwargs(use_pdl))
