@@ -50,9 +50,9 @@ def test_table_config_matches_reference(n, k, group_size, sym, fraction, m, dtyp
 
 # tile shapes, split-K (explicit splits 1, 2, 3 of 5 blocks; auto), the software-pipelined loop (PIPE 2, 3), the
 # BR outlier slots per epilogue step, 2 and 4 warps, OS outlier-only programs (1 / 3 / 2, with 1 / 3 K splits), PRE
-# slots loaded ahead of the K loop (4 and 2 of a split's 12, 16 of its 8); IL, the slots added inside the K loop (2 of
-# 5 blocks with 12 slots: 2 per block and 8 left after it; 1 split with 24 slots, 4 per block: 20 in the loop; PRE 2
-# then 1 per block; 4 warps)
+# slots loaded ahead of the K loop (4 and 2 of a split's 12, 16 of its 8); IL, the slots added inside the K loop (BR 2
+# on splits of 3 and 2 blocks with 12 slots each: 6 / 4 in the loop, the rest after it; 1 split, 24 slots at BR 4: 20
+# in the loop, 4 after; PRE 2 then 1 per block; 4 warps)
 @needs_triton
 @pytest.mark.parametrize("config", ((16, 16, 1, 1), (16, 32, 1, 2), (32, 32, 1, 3), (64, 16, 1, 0), (16, 64, 1, 0),
                                     (32, 32, 2, 2), (16, 32, 1, 2, 2), (16, 32, 1, 3, 3), (32, 16, 1, 1, 2, 2),
