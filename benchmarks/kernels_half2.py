@@ -17,7 +17,8 @@ device command:
 --narrow: M = 4 / 16 / 32, the 1-warp table entry against 4- / 8-warp (wgmma) candidates (NARROW).
 --ms M,M: --narrow / --wide / --large at these M instead (each M times its bucket's candidates).
 --prologue: at 0.5% outliers, the x^T copy and the split-K zeroing as two launches or one (see prologue_ab()).
---outliers / --prologue take --outlier-ms (M values) and --outliers --variants (names).
+--outliers / --prologue take --outlier-ms (M values) and --outliers --variants (names; M = 1 in --outlier-ms times
+the GEMV's: gemv_table, gemv_loop, gemv_loop8).
 """
 import argparse
 import csv
@@ -170,7 +171,7 @@ def open_csv(args, stem, columns):
 def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     """--outliers: the table config at 0% and at 0.5% outliers with the epilogue's variants: BR 1 / 4 slots per step,
     IL (the slot steps inside the K loop, one per block; BR 1 or the table's; session 12: sm_90 AOT at (16, 128, 4)
-    95 -> 167 registers at BR 1, 116 -> 244 at BR 2),
+    95 -> 167 registers at BR 1, 116 -> 244 at BR 2); at M = 1 the GEMV's variants instead (gemv_loop()),
     OS = 1 / 2 / 4 outlier-only programs per weight tile beside the K splits (scheduled first), PRE = 2 / 4 slots
     per split loaded before the K loop, and the epilogue
     alone (the K loop skipped: launch, x^T copy, zeroing, outlier adds, atomics).  Session 6 calls 4 and 6 and
@@ -184,6 +185,10 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     for n, k, p0, p5 in shape_weights(args, shapes, t0, rotate, device):
         for m in args.outlier_ms:
             base = time_fp16(n, k, m, fp16)
+            if m == 1:  # the GEMV: its early slots (the table) against the slots inside the K loop
+                gemv_loop(time_kernel, p0, p5, n, k, base, w, want)
+                f.flush()
+                continue
             tab = gemm_half2.pick_config(m)
             us0 = time_kernel(p0, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
             w.writerow([n, k, m, 0.0, "half2", str(tab), f"{us0:.2f}", f"{base:.2f}", f"{base / us0:.3f}"])
@@ -214,6 +219,33 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
             f.flush()
             print(f"| {n}x{k} | {m} | fp16 {base:.1f} | 0% {us0:.1f} | 0.5%: " + ", ".join(cells) + " |", flush=True)
     print(f"[{time.time() - t0:.0f}s] wrote {f.name}", flush=True)
+
+
+def gemv_loop(time_kernel, p0, p5, n, k, base, w, want):
+    """--outliers at M = 1 (session 12): gemv_half2 at 0% and at 0.5% with the table's early slots, with
+    loop_outliers=True (enough slots a K step to cover R) and with 8 a step; each checked against the table first."""
+    from quantease.kernels import gemv_half2
+
+    def run(kw):
+        return lambda x, q, o: gemv_half2.qgemv_half2(x, gemv_half2.cached_layout(q), None, o, **kw)
+
+    x = torch.randn(1, k, device=p5[0]["scales"].device).half()
+    y0 = run({})(x, p5[0], torch.empty(1, n, device=x.device).half()).double()
+    us0 = time_kernel(p0, 1, run({}))
+    cfg = gemv_half2.pick_config(1, n, k, 8)
+    w.writerow([n, k, 1, 0.0, "gemv", str(cfg), f"{us0:.2f}", f"{base:.2f}", f"{base / us0:.3f}"])
+    cells = []
+    for name, kw in (("gemv_table", {}), ("gemv_loop", {"loop_outliers": True}), ("gemv_loop8", {"loop_outliers": 8})):
+        if want is not None and name not in want:
+            continue
+        y = run(kw)(x, p5[0], torch.full((1, n), float("nan"), device=x.device).half()).double()
+        err = ((y - y0).norm() / y0.norm()).item()
+        if not err < 1e-3:
+            print(f"  MISMATCH {name} M=1: relative {err:.1e} to the table", flush=True)
+        us = time_kernel(p5, 1, run(kw))
+        w.writerow([n, k, 1, 0.005, name, str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
+        cells.append(f"{name} {us:.1f} ({us / us0 - 1:+.0%})")
+    print(f"| {n}x{k} | 1 | fp16 {base:.1f} | 0% {us0:.1f} | 0.5%: " + ", ".join(cells) + " |", flush=True)
 
 
 def prologue_ab(args, time_kernel, time_fp16, rotate, device, shapes):

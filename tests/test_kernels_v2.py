@@ -132,6 +132,25 @@ def test_outlier_slots_before_or_after_the_loop(early, m, fraction):
     check(y, reference64(x, w, 3, -1, 1000, None), torch.float16)
 
 
+@needs_triton
+@pytest.mark.parametrize("config", ((8, 4, 1), (8, 1, 1), (32, 2, 1)))
+@pytest.mark.parametrize("m,dtype", ((1, torch.float16), (1, torch.bfloat16), (3, torch.float16)))
+def test_outlier_slots_inside_the_loop(config, m, dtype):
+    """loop_outliers at M = 1, 50 slots a row, K = 1000 (3 whole blocks of 256): no whole step at 4 blocks a step
+    (all after the loop), 3 steps of 32 slots (all in the loop), 1 step (32 in it, 18 after); M = 3 ignores it."""
+    w = make_weight(40, 1000, 3, -1, 0.05, False, 13)
+    x = torch.randn(m, 1000, generator=torch.Generator().manual_seed(14)).to(dtype).to(DEVICE)
+    p = prepare_half2(*w, 3, -1, 1000)
+    out = torch.full((m, 40), float("nan"), dtype=dtype, device=DEVICE)
+    y = gemv_half2.qgemv_half2(x, p, None, out, config=config, loop_outliers=True)
+    check(y, reference64(x, w, 3, -1, 1000, None), dtype)
+    if m == 1 and config == (8, 1, 1):  # 4 slots a step given: 12 in the loop, 38 after
+        y = gemv_half2.qgemv_half2(x, p, None, torch.full_like(out, float("nan")), config=config, loop_outliers=4)
+        check(y, reference64(x, w, 3, -1, 1000, None), dtype)
+        with pytest.raises(QuantEaseError, match="power of 2"):
+            gemv_half2.qgemv_half2(x, p, None, out, config=config, loop_outliers=3)
+
+
 def test_config_table_by_shape():
     def pick(m, n=None, k=None, q=4):  # the table as measured, at q = 4 (blocks of 128 columns)
         return gemv_half2.pick_config(m, n, k, q)

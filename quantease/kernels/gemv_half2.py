@@ -443,12 +443,16 @@ def _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR: 
 @triton.jit
 def _finish_row(yacc, y_ptr, m, Mloc, s, offs_n, mask_n, bias, x_ptr, oi_ptr, ov_ptr, R, stride_oi, stride_ov,
                 idx0, val0, PER_CHANNEL: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BR: tl.constexpr, EARLY: tl.constexpr):
+                BR: tl.constexpr, EARLY: tl.constexpr, oacc=None, done=0):
+    """Row m's output: the scaled sum, the outlier slots from `done` on (oacc: the sum of those before it, added
+    inside the K loop), the bias."""
     y = tl.sum(yacc, axis=1)
     if PER_CHANNEL:
         y = s * y
     if HAS_OUTLIERS:  # R slots per row; every program gathers the same number of x values (balanced)
-        start = 0
+        if oacc is not None:
+            y += oacc
+        start = done
         if EARLY:  # slots 0..BR-1 were loaded before the loop (idx0, val0): only the x gather is left
             offs_r = tl.arange(0, BR)
             rmask = mask_n[:, None] & (offs_r[None, :] < R)
@@ -471,7 +475,7 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                        LINES: tl.constexpr, PIN: tl.constexpr, CG: tl.constexpr, XHINT: tl.constexpr,
                        XL: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr,
                        Q: tl.constexpr, GB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr,
-                       BR: tl.constexpr):
+                       BR: tl.constexpr, ILR: tl.constexpr):
     BKW: tl.constexpr = Q * BKB  # words per role per step per row
     pdl.start(PDL)  # the next kernel may launch once every program got here; it takes only the slots left free
     # programs of one row block (all M / BM of them) are adjacent in launch order: for M > BM the later ones
@@ -517,6 +521,14 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
     val0 = tl.zeros((BN, BR), dtype=tl.float32)
     if HAS_OUTLIERS and EARLY:
         idx0, val0 = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR)
+    oacc, done = None, 0
+    if ILR > 0:  # M = 1: ILR outlier slots per K step inside the loop (indices one step ahead), the rest after it
+        done = min(full * ILR, R)
+        offs_ri = tl.arange(0, ILR)
+        ri_mask = mask_n[:, None] & (offs_ri[None, :] < R)
+        ri_idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_ri[None, :], mask=ri_mask, other=0)
+        ri_val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_ri[None, :], mask=ri_mask, other=0.0)
+        oacc = tl.zeros((BN,), dtype=tl.float32)
     # everything above reads only this layer's tensors (zeros, the first words, outlier slots); x and y after this
     pdl.wait(PDL)
     if XHINT:
@@ -538,11 +550,20 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
             n0, n1, n2 = _words(w_row, t + 1, mask_n, blk, NBLK, SW, Q, BKB, CG)
         else:
             w0, w1, w2 = _words(w_row, t, mask_n, blk, NBLK, SW, Q, BKB, CG)
+        if ILR > 0:  # this step's gathers (x is L1 / L2 resident) and the next step's slot indices
+            xg = tl.load(x_ptr + ri_idx.to(tl.int32), mask=ri_mask, other=0.0)
+            vg = ri_val
+            offs_ri += ILR
+            ri_mask = mask_n[:, None] & (offs_ri[None, :] < R)
+            ri_idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_ri[None, :], mask=ri_mask, other=0)
+            ri_val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_ri[None, :], mask=ri_mask, other=0.0)
         if PIN:  # a barrier between the loads and the math: ptxas cannot move the loads below it
             tl.debug_barrier()
         y0, y1, y2, y3 = _step(t, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, Mloc,
                                s_ptr, z_ptr, offs_n, mask_n, blk, NBLK, stride_s, stride_z,
                                BF16, ASM, BM, True, Q, BKB, PER_CHANNEL, HAS_ZEROS, GB)
+        if ILR > 0:
+            oacc += tl.sum(xg.to(tl.float32) * vg.to(tl.float32), axis=1)
     if full < steps:  # the last step holds a partial block (or fewer than BKB blocks): masked x loads
         if PREFETCH >= 1:
             w0, w1, w2 = n0, n1, n2
@@ -557,7 +578,7 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     _finish_row(y0, y_ptr, 0, Mloc, s, offs_n, mask_n, bias, x_ptr, oi_ptr, ov_ptr, R, stride_oi, stride_ov,
-                idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
+                idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY, oacc, done)
     if BM > 1:
         _finish_row(y1, y_ptr + stride_ym, 1, Mloc, s, offs_n, mask_n, bias, x_ptr + stride_xm, oi_ptr, ov_ptr,
                     R, stride_oi, stride_ov, idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
@@ -580,7 +601,7 @@ def _pairs_ready(x):
 
 
 def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_outliers=None, lead=None, level=2,
-                pin=None, cg=None, xhint=None, pipe=None, nreg=None, use_pdl=None):
+                pin=None, cg=None, xhint=None, pipe=None, nreg=None, use_pdl=None, loop_outliers=False):
     """x [M, K] fp16/bf16, prepare_half2's dict p, bias [N] | None, out [M, N] -> out.  Any M (rows of x are
     split into programs of <= 4); meant for M <= ops.GEMV_MAX_M.  config None: pick_config's table for this
     (M, N, K); prefetch (0 / False, 1 / True, 2 steps ahead) overrides the config's depth.  early_outliers: load
@@ -596,7 +617,11 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     plain loads).  nreg: registers per thread at most (ptxas maxnreg; None: the config's 11th element, else
     ptxas' choice): more warps per SM at the price of spills (CUDA only).  use_pdl: programmatic dependent launch
     (kernels/pdl.py; None: pdl.enabled(x)): the zeros, the first step's words and the early outlier slots are loaded
-    while the kernel before finishes."""
+    while the kernel before finishes.  loop_outliers (M = 1; instead of early_outliers): the outlier slots spread
+    over the K loop's whole steps, their indices loaded a step ahead and their x gathers issued before the step's
+    math, so no idx -> gather chain is left after the loop (the rest, if any, as before); True: enough slots a step
+    to cover R (a power of 2, <= 32), an int: that many (sm_90 AOT, ptxas' register choices are not monotonic in
+    it: (8, 8, 1) 8 slots 194 registers, 2 / 4 / 16 spill); False / 0: off."""
     if "words" not in p:
         raise QuantEaseError("qgemv_half2 needs prepare_half2's layout (got a dict without 'words')")
     if not half2_supported(p["bits"], p["group_size"]):
@@ -636,6 +661,13 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     has_out = oi is not None
     r = oi.shape[1] if has_out else 0
     br = max(2, min(32, triton.next_power_of_2(max(r, 1))))
+    full = (xq.shape[1] // (32 * q)) // bkb  # the kernel's whole steps
+    ilr = 0
+    if loop_outliers and bm == 1 and has_out and full > 0:
+        auto = min(32, triton.next_power_of_2(triton.cdiv(r, full)))
+        ilr, early_outliers = (auto if loop_outliers is True else int(loop_outliers)), False
+        if ilr & (ilr - 1):
+            raise QuantEaseError(f"loop_outliers={loop_outliers!r}: True or a power of 2 (slots per K step)")
     grid = (triton.cdiv(n, bn) * triton.cdiv(m, bm),)
     use_pdl = pdl.enabled(x, use_pdl)
     qgemv_half2_kernel[grid](
@@ -652,6 +684,6 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
         XL=triton.next_power_of_2(max(1, 16 * q * bkb // 32)),
         LINES=triton.next_power_of_2(triton.cdiv(3 * q * bkb * 4, 128) + 1),
         Q=q, GB=max(1, p["group_size"] // (32 * q)),  # blocks per group (1 for groups of 32, 64, 128)
-        BM=bm, BN=bn, BKB=bkb, BR=br, num_warps=warps, num_stages=stages,
+        BM=bm, BN=bn, BKB=bkb, BR=br, ILR=ilr, num_warps=warps, num_stages=stages,
         **({"maxnreg": nreg} if nreg and x.is_cuda else {}), **pdl.launch_kwargs(use_pdl))
     return out
