@@ -661,13 +661,14 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     has_out = oi is not None
     r = oi.shape[1] if has_out else 0
     br = max(2, min(32, triton.next_power_of_2(max(r, 1))))
+    per_step = 0 if loop_outliers is True or not loop_outliers else int(loop_outliers)
+    if per_step < 0 or per_step & (per_step - 1):
+        raise QuantEaseError(f"loop_outliers={loop_outliers!r}: True, False or a power of 2 (slots per K step)")
     full = (xq.shape[1] // (32 * q)) // bkb  # the kernel's whole steps
     ilr = 0
     if loop_outliers and bm == 1 and has_out and full > 0:
         auto = min(32, triton.next_power_of_2(triton.cdiv(r, full)))
         ilr, early_outliers = (auto if loop_outliers is True else int(loop_outliers)), False
-        if ilr & (ilr - 1):
-            raise QuantEaseError(f"loop_outliers={loop_outliers!r}: True or a power of 2 (slots per K step)")
     grid = (triton.cdiv(n, bn) * triton.cdiv(m, bm),)
     use_pdl = pdl.enabled(x, use_pdl)
     qgemv_half2_kernel[grid](
