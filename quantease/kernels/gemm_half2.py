@@ -322,7 +322,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
         r_lo, r_hi = gemm_swap.split_slots(R, split)
         offs_r = r_lo + PRE + tl.arange(0, BR)
         idx, val, rmask = _slot_tile(oi_ptr, ov_ptr, offs_n, mask_n, offs_r, r_hi, stride_oi, stride_ov)
-        if not GROUPED:
+        if not GROUPED:  # (the scales are loaded again after the loop: holding them through it, 186 registers)
             inv_s = 1.0 / tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=1.0).to(tl.float32)
     if PF > 0:  # the first PF blocks' words on their way into L2 while the kernel before finishes
         _prefetch_l2(w_ptr, offs_n, N, stride_w, blk0, blk1, PF)
@@ -458,7 +458,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         zeros.stride(0) if zeros is not None else 0, oi.stride(0) if oi is not None else 0,
         ov.stride(0) if ov is not None else 0,
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
-        HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=split + os_ > 1, ATOMIC=x.is_cuda,
+        HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=zero, ATOMIC=x.is_cuda,
         BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 else 0,
         IL=bool(il) and r > 0 and os_ == 0,
         PDL=use_pdl, PF=2 if use_pdl == pdl.EARLY and asm else 0,

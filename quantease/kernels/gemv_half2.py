@@ -430,14 +430,14 @@ def _step(t, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, 
 
 
 @triton.jit
-def _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR: tl.constexpr):
-    """The first BR outlier slots of each row (index, value); issued before the K loop so that their latency hides
-    under it (loaded after the loop, the index -> x gather -> sum chain was exposed: +11-14% at 4096 rows)."""
-    offs_r = tl.arange(0, BR)
+def _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, offs_r, R, stride_oi, stride_ov):
+    """Outlier slots offs_r (those < R) of each row: (index, value, mask).  The early slots (0 .. BR - 1) are issued
+    before the K loop so that their latency hides under it (loaded after the loop, the index -> x gather -> sum chain
+    was exposed: +11-14% at 4096 rows); loop_outliers' are issued a step ahead."""
     rmask = mask_n[:, None] & (offs_r[None, :] < R)
     idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_r[None, :], mask=rmask, other=0)
     val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_r[None, :], mask=rmask, other=0.0)
-    return idx, val
+    return idx, val, rmask
 
 
 @triton.jit
@@ -520,14 +520,12 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
     idx0 = tl.zeros((BN, BR), dtype=tl.int32)
     val0 = tl.zeros((BN, BR), dtype=tl.float32)
     if HAS_OUTLIERS and EARLY:
-        idx0, val0 = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, R, stride_oi, stride_ov, BR)
+        idx0, val0, _ = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, tl.arange(0, BR), R, stride_oi, stride_ov)
     oacc, done = None, 0
     if ILR > 0:  # M = 1: ILR outlier slots per K step inside the loop (indices one step ahead), the rest after it
         done = min(full * ILR, R)
         offs_ri = tl.arange(0, ILR)
-        ri_mask = mask_n[:, None] & (offs_ri[None, :] < R)
-        ri_idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_ri[None, :], mask=ri_mask, other=0)
-        ri_val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_ri[None, :], mask=ri_mask, other=0.0)
+        ri_idx, ri_val, ri_mask = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, offs_ri, R, stride_oi, stride_ov)
         oacc = tl.zeros((BN,), dtype=tl.float32)
     # everything above reads only this layer's tensors (zeros, the first words, outlier slots); x and y after this
     pdl.wait(PDL)
@@ -554,9 +552,8 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
             xg = tl.load(x_ptr + ri_idx.to(tl.int32), mask=ri_mask, other=0.0)
             vg = ri_val
             offs_ri += ILR
-            ri_mask = mask_n[:, None] & (offs_ri[None, :] < R)
-            ri_idx = tl.load(oi_ptr + offs_n[:, None] * stride_oi + offs_ri[None, :], mask=ri_mask, other=0)
-            ri_val = tl.load(ov_ptr + offs_n[:, None] * stride_ov + offs_ri[None, :], mask=ri_mask, other=0.0)
+            ri_idx, ri_val, ri_mask = _outlier_slots(oi_ptr, ov_ptr, offs_n, mask_n, offs_ri, R, stride_oi,
+                                                     stride_ov)
         if PIN:  # a barrier between the loads and the math: ptxas cannot move the loads below it
             tl.debug_barrier()
         y0, y1, y2, y3 = _step(t, w0, w1, w2, zz, y0, y1, y2, y3, zero_acc, xw, xcol, KH, stride_xw, Mloc,
@@ -666,9 +663,8 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
         raise QuantEaseError(f"loop_outliers={loop_outliers!r}: True, False or a power of 2 (slots per K step)")
     full = (xq.shape[1] // (32 * q)) // bkb  # the kernel's whole steps
     ilr = 0
-    if loop_outliers and bm == 1 and has_out and full > 0:
-        auto = min(32, triton.next_power_of_2(triton.cdiv(r, full)))
-        ilr, early_outliers = (auto if loop_outliers is True else int(loop_outliers)), False
+    if loop_outliers and bm == 1 and has_out and full > 0:  # True: enough slots a step to cover R
+        ilr, early_outliers = per_step or min(32, triton.next_power_of_2(triton.cdiv(r, full))), False
     grid = (triton.cdiv(n, bn) * triton.cdiv(m, bm),)
     use_pdl = pdl.enabled(x, use_pdl)
     qgemv_half2_kernel[grid](
