@@ -255,13 +255,15 @@ def sweep(args, writer):
 
 def bench(args, writer):
     # "default": 3-bit per channel, symmetric (what the plots read); other grids get their own variant name
-    variant = "default" + (f"_g{args.group_size}" if args.group_size != -1 else "") + ("_asym" if args.asym else "")
-    print(f"weights: 3-bit, group size {args.group_size}, {'asymmetric' if args.asym else 'symmetric'}", flush=True)
+    variant = ("default" + (f"_g{args.group_size}" if args.group_size != -1 else "") + ("_asym" if args.asym else "")
+               + (f"_{args.bits}bit" if args.bits != 3 else ""))
+    print(f"weights: {args.bits}-bit, group size {args.group_size}, {'asymmetric' if args.asym else 'symmetric'}",
+          flush=True)
     fp16 = {}
     rows = []
     for n, k in args.shapes:
         for fraction in args.fractions:
-            p, _ = make_prepared(n, k, 3, args.group_size, fraction, asym=args.asym)
+            p, _ = make_prepared(n, k, args.bits, args.group_size, fraction, asym=args.asym)
             for m in args.ms:
                 base = time_fp16(n, k, m, fp16)
                 us = time_pdl(p, m, args.pdl_ab) if args.pdl_ab else time_kernel(p, m, run_default)
@@ -287,7 +289,7 @@ def bench(args, writer):
         print(f"\nquantized columns: PDL on (QUANTEASE_PDL={args.pdl_ab}); 'no PDL': the same kernels with it off "
               f"(QUANTEASE_PDL=0)")
     ab = " | ".join(f"no PDL {f * 100:g}% us" for f in fr) + " | " if args.pdl_ab else ""
-    print("\n| N x K | M | fp16 us | " + " | ".join(f"3b+{f * 100:g}% us" for f in fr) + " | " + ab
+    print("\n| N x K | M | fp16 us | " + " | ".join(f"{args.bits}b+{f * 100:g}% us" for f in fr) + " | " + ab
           + "GB/s (first) | speedup " + " / ".join(f"{f * 100:g}%" for f in fr) + " |")
     print("|---|---|---|" + "---|" * (len(fr) * (2 if args.pdl_ab else 1)) + "---|---|")
     for n, k in args.shapes:
@@ -446,6 +448,7 @@ def main():
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="--bench: M values")
     ap.add_argument("--group-size", type=int, default=-1, help="--bench: scale groups (-1: per channel)")
     ap.add_argument("--asym", action="store_true", help="--bench: asymmetric weights (random zeros)")
+    ap.add_argument("--bits", type=int, default=3, help="--bench: code bits (4: e.g. a --lm-head 4 shape)")
     ap.add_argument("--pdl-ab", nargs="?", const="1", choices=("1", "late"),
                     help="--bench: time every row with programmatic dependent launch on (this QUANTEASE_PDL mode, "
                          "default 1) and off")

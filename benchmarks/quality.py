@@ -55,6 +55,9 @@ CONFIGS = {
     "quantease-3-q": dict(method="quantease", bits=3, outliers=0.0, target="q"),
     "quantease-3+1%-q": dict(method="quantease", bits=3, outliers=0.01, target="q"),
     "gptq-3-fpt": dict(method="gptq", bits=3, target="fp"),
+    # --lm-head 4: the output layer quantized too (4 bits, the run's method, no outliers)
+    "quantease-3+0.5%+head4": dict(method="quantease", bits=3, outliers=0.005, lm_head=4),
+    "gptq-3+head4": dict(method="gptq", bits=3, lm_head=4),
 }
 # the files whose change can change a row's numbers (the kernels and the server do not: the eval is dense)
 CODE_PATHS = ("quantease/quantize", "quantease/format", "quantease/eval.py")

@@ -99,11 +99,11 @@ def make_work(d):
     return d
 
 
-def quantize_tiny(work, out, *extra):
-    """`quantease quantize` of work/tiny with 4 x 64 tokens of work/calib.txt; returns the exit code."""
+def quantize_tiny(work, out, *extra, model=None):
+    """`quantease quantize` of work/tiny (or `model`) with 4 x 64 tokens of work/calib.txt; returns the exit code."""
     from quantease.cli import main
 
-    return main(["quantize", str(work / "tiny"), "--out", str(out), "--calib", str(work / "calib.txt"),
+    return main(["quantize", str(model or work / "tiny"), "--out", str(out), "--calib", str(work / "calib.txt"),
                  "--nsamples", "4", "--seqlen", "64", *extra])
 
 

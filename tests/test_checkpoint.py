@@ -295,3 +295,77 @@ def test_dequantize_cli_errors(qdir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("quantease dequantize: error:") and "scales' has NaN/Inf" in err and "\n" not in err
     assert not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------- per-module overrides (a 4-bit lm_head)
+
+def head_checkpoint(tiny, out):
+    """The tiny model's block linears at 3 bits + 5% outliers, its lm_head at 4 bits without outliers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float16)
+    layers = {name: rtn_with_outliers(m.weight, 3, 32, False, 0.05) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    layers["lm_head"] = rtn_with_outliers(model.lm_head.weight, 4, 32)
+    qc = dict(quant_config(3, 32, False, 0.05), overrides={"lm_head": {"bits": 4, "outlier_fraction": 0.0}})
+    ckpt.write_checkpoint(out, model, layers, quant_config=qc)
+    return model, layers
+
+
+def test_overrides_give_the_lm_head_its_own_grid(tiny, tmp_path):
+    model, layers = head_checkpoint(tiny, tmp_path / "q")
+    config, qc, quantized, tensors = ckpt.validate_checkpoint(tmp_path / "q")
+    assert "lm_head" in quantized and qc["modules_to_not_convert"] == []
+    vocab = model.lm_head.weight.shape[0]
+    assert tensors["lm_head.qweight"].shape == (vocab, 96 // 32 * 4)  # K = 80 padded to 96, 4 words a run
+    assert "lm_head.outlier_idx" not in tensors and f"{Q}.outlier_idx" in tensors
+    assert tensors[f"{Q}.qweight"].shape[1] == 96 // 32 * 3
+    _, dense = ckpt.dequantized_tensors(tmp_path / "q", dtype=torch.float32)
+    torch.testing.assert_close(dense["lm_head.weight"], layers["lm_head"].dequantize(), rtol=0, atol=2e-3)
+
+
+def test_a_tied_lm_head_is_stored_untied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True, **TINY)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    emb = model.model.embed_tokens.weight.detach().clone()
+    model.lm_head.weight = torch.nn.Parameter(emb.clone())  # the pipeline unties before it quantizes
+    qc = dict(quant_config(), overrides={"lm_head": {"bits": 4}})
+    ckpt.write_checkpoint(tmp_path / "q", model, {"lm_head": rtn_with_outliers(emb, 4, 32)}, quant_config=qc)
+    config, _, quantized, tensors = ckpt.validate_checkpoint(tmp_path / "q")
+    assert config["tie_word_embeddings"] is False and set(quantized) == {"lm_head"}
+    assert torch.equal(tensors["model.embed_tokens.weight"], emb)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"lm_head": {"bits": 5}}, r"overrides\['lm_head'\]: bits=5 is not one of"),
+    ({"lm_head": {"color": 1}}, r"overrides\['lm_head'\] must be an object with keys among"),
+    ({"lm_head": 4}, r"overrides\['lm_head'\] must be an object"),
+    ([4], r"overrides must be an object"),
+])
+def test_bad_overrides_one_error(qdir, overrides, pattern):
+    edit_config(qdir[0], overrides=overrides)
+    with pytest.raises(QuantEaseError, match=pattern):
+        ckpt.read_checkpoint(qdir[0])
+
+
+def test_override_that_does_not_match_the_tensors(tiny, tmp_path):
+    head_checkpoint(tiny, tmp_path / "q")
+    edit_config(tmp_path / "q", overrides={"lm_head": {"bits": 3, "outlier_fraction": 0.0}})
+    with pytest.raises(QuantEaseError, match=r"tensor 'lm_head\.qweight' has shape"):
+        ckpt.read_checkpoint(tmp_path / "q")
+
+
+def test_writer_checks_overrides(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    qw = rtn_with_outliers(model.lm_head.weight, bits=4)
+    with pytest.raises(QuantEaseError, match="lm_head: bits=4 but quant_config has bits=3"):
+        ckpt.write_checkpoint(tmp_path / "a", model, {"lm_head": qw}, quant_config=quant_config())
+    qc = dict(quant_config(), overrides={"lm_head": {"bits": 4}, "model.norm": {"bits": 4}})
+    with pytest.raises(QuantEaseError, match="overrides 'model.norm', which is not a quantized layer"):
+        ckpt.write_checkpoint(tmp_path / "b", model, {"lm_head": qw}, quant_config=qc)
+    assert not list(tmp_path.glob("[ab]*"))

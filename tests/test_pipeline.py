@@ -155,9 +155,11 @@ def test_discovery_and_quantize_each_family(tmp_path, family, work):
         calls = pipeline.block_call_args(model, blocks, torch.arange(8)[None], torch.device("cpu"))
         assert discover.linear_groups(blocks[0], lambda: pipeline.run_block(blocks[0], hs, calls[0], "cpu")) == groups
     out = tmp_path / "q"
+    # --lm-head: the final norm between the last block and the lm_head is found in every family
     rc = main(["quantize", str(path), "--out", str(out), "--calib", str(work / "calib.txt"), "--nsamples", "4",
-               "--seqlen", "64", "--method", "rtn", "--bits", "8"])
+               "--seqlen", "64", "--method", "rtn", "--bits", "8", "--lm-head", "8"])
     assert rc == 0
+    assert "lm_head" in report(out)["layers"]
     from quantease.eval import evaluate
     fp = evaluate(path, work / "calib.txt", seqlen=64, limit=3, device="cpu")["ppl"]
     q = evaluate(out, work / "calib.txt", seqlen=64, limit=3, device="cpu", dense=True)["ppl"]
@@ -171,22 +173,23 @@ def test_no_block_stack_is_a_clear_error():
         discover.find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
-def test_resume_after_interrupt_gives_the_same_checkpoint(work, tmp_path, monkeypatch):
-    args = ("--method", "quantease", "--outliers", "0.05", "--sweeps", "3")
+@pytest.mark.parametrize("after, head", [(0, ()), (1, ("--lm-head", "4"))])
+def test_resume_after_interrupt_gives_the_same_checkpoint(work, tmp_path, monkeypatch, after, head):
+    args = ("--method", "quantease", "--outliers", "0.05", "--sweeps", "3", *head)
     clean = tmp_path / "clean"
     assert quantize(work, clean, *args) == 0
     out = tmp_path / "resumed"
-    monkeypatch.setenv(pipeline.INTERRUPT_ENV, "0")
-    assert quantize(work, out, *args) == 130  # interrupted after block 0
+    monkeypatch.setenv(pipeline.INTERRUPT_ENV, str(after))
+    assert quantize(work, out, *args) == 130  # interrupted after block `after` (1: the last, before the lm_head)
     assert not out.exists()
     state = json.loads((tmp_path / "resumed.partial/state.json").read_text())
-    assert state["next_block"] == 1
+    assert state["next_block"] == after + 1
     monkeypatch.delenv(pipeline.INTERRUPT_ENV)
     calls = []
     real = pipeline.quantize_block
     monkeypatch.setattr(pipeline, "quantize_block", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     assert quantize(work, out, *args) == 0
-    assert calls == ["model.layers.1"]  # block 0 was not redone
+    assert calls == ["model.layers.1"][after:]  # committed blocks were not redone
     assert not (tmp_path / "resumed.partial").exists()
     a, b = all_tensors(clean), all_tensors(out)
     assert a.keys() == b.keys()
@@ -305,6 +308,72 @@ def test_outliers_need_quantease(work, tmp_path, capsys):
     msg = bad(work, tmp_path, capsys, ["{work}/tiny", "--calib", "{work}/calib.txt", "--method", "gptq",
                                        "--outliers", "0.01"])
     assert "--outliers needs --method quantease" in msg
+
+
+def test_lm_head_bits_checked(work, tmp_path, capsys):
+    msg = bad(work, tmp_path, capsys, ["{work}/tiny", "--calib", "{work}/calib.txt", "--lm-head", "5"])
+    assert "--lm-head: bits=5 is not supported" in msg
+
+
+def test_no_final_norm_found_is_a_clear_error(work):
+    model = AutoModelForCausalLM.from_pretrained(work / "tiny", dtype=torch.float32)
+    _, blocks = discover.find_blocks(model)
+    last = torch.randn(1, 8, 64)
+    with pytest.raises(QuantEaseError, match="--lm-head: cannot find what runs between the last block"):
+        pipeline.find_head_input(model, blocks, {"last": last, "head": last.flip(-1)})
+    with torch.no_grad():
+        head = model.model.norm(last)
+    assert pipeline.find_head_input(model, blocks, {"last": last, "head": head}) is model.model.norm
+
+
+def head_inputs(folder, ids):
+    """The lm_head's inputs [T, hidden] on `ids` in the dense (dequantized) model of a checkpoint folder."""
+    from quantease.eval import load_model
+
+    model = load_model(folder, torch.float32, dense=True, device="cpu")
+    caught = []
+    h = model.lm_head.register_forward_pre_hook(lambda m, a: caught.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    return torch.cat(caught)
+
+
+def test_lm_head_quantized_on_the_final_hidden_states(work, tmp_path):
+    from pipeline_helpers import tiny_llama_with_tokenizer
+
+    src = tiny_llama_with_tokenizer(tmp_path / "tied", tie_word_embeddings=True)
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)
+    # a final norm that weighs the channels unevenly: the lm_head's Σ must be taken after it to fit its inputs
+    fp.model.norm.weight.data = torch.logspace(-1, 1, 64, dtype=torch.float16)[
+        torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    fp.save_pretrained(src)
+    fp = fp.float()
+    for method in ("quantease", "rtn"):
+        assert quantize_tiny(work, tmp_path / method, "--method", method, "--bits", "3", "--lm-head", "4",
+                             model=src) == 0
+    qc = json.loads((tmp_path / "quantease/config.json").read_text())
+    assert qc["tie_word_embeddings"] is False and qc["quantization_config"]["modules_to_not_convert"] == []
+    assert qc["quantization_config"]["overrides"] == {"lm_head": {"bits": 4, "outlier_fraction": 0.0}}
+    row = report(tmp_path / "quantease")["layers"]["lm_head"]
+    assert row["bits_per_weight"] == pytest.approx(4 + 24 / 64) and row["outliers"] == 0  # per channel, K = 64
+    assert 0 < row["rel_error"] < 0.05
+    tensors = all_tensors(tmp_path / "quantease")
+    assert torch.equal(tensors["model.embed_tokens.weight"].float(), fp.model.embed_tokens.weight)  # untouched
+    # the lm_head's objective on its real inputs (the final norm's outputs): QuantEase's Σ makes it beat RTN
+    from transformers import AutoTokenizer
+    ids = calib.load(str(work / "calib.txt"), AutoTokenizer.from_pretrained(src), 2, 64, seed=1)
+    w = fp.lm_head.weight
+    errs = {}
+    for method in ("quantease", "rtn"):
+        x = head_inputs(tmp_path / method, ids)
+        _, dense = dequantized_tensors(tmp_path / method, dtype=torch.float32)
+        errs[method] = float(((w - dense["lm_head.weight"]) @ x.t()).square().sum())
+    assert errs["quantease"] < 0.5 * errs["rtn"], errs  # Σ before the norm instead: 1.4x RTN's
+    from quantease.eval import evaluate
+    dense_ppl = evaluate(tmp_path / "quantease", work / "calib.txt", seqlen=64, limit=3, device="cpu", dense=True)
+    runtime_ppl = evaluate(tmp_path / "quantease", work / "calib.txt", seqlen=64, limit=3, device="cpu")
+    assert runtime_ppl["ppl"] == pytest.approx(dense_ppl["ppl"], rel=1e-3)
 
 
 def test_out_of_gpu_memory_names_the_block(work, tmp_path, capsys, monkeypatch):

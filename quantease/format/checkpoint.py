@@ -47,6 +47,24 @@ def check_quant_config(qc, where="quantization_config"):
     if qc.get("format_version") != FORMAT_VERSION:
         raise QuantEaseError(f"{where}: format_version {qc.get('format_version')!r} is not supported "
                              f"(this quantease reads version {FORMAT_VERSION})")
+    check_grid(qc, where)
+    skip = qc.get("modules_to_not_convert")
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise QuantEaseError(f"{where}: modules_to_not_convert must be a list of module names")
+    overrides = qc.get("overrides", {})
+    if not isinstance(overrides, Mapping):
+        raise QuantEaseError(f"{where}: overrides must be an object {{module name: {{grid keys}}}}")
+    for name, o in overrides.items():
+        if not isinstance(o, Mapping) or not set(o) <= set(GRID_KEYS):
+            raise QuantEaseError(f"{where}: overrides[{name!r}] must be an object with keys among {GRID_KEYS}")
+        check_grid(layer_config(qc, name), f"{where}: overrides[{name!r}]")
+    return dict(qc)
+
+
+GRID_KEYS = ("bits", "group_size", "sym", "outlier_fraction")  # what overrides may set per module
+
+
+def check_grid(qc, where):
     if qc.get("bits") not in layout.SUPPORTED_BITS:
         raise QuantEaseError(f"{where}: bits={qc.get('bits')!r} is not one of {layout.SUPPORTED_BITS}")
     gs = qc.get("group_size")
@@ -57,10 +75,11 @@ def check_quant_config(qc, where="quantization_config"):
     frac = qc.get("outlier_fraction")
     if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 <= frac < 1:
         raise QuantEaseError(f"{where}: outlier_fraction={frac!r} must be a number in [0, 1)")
-    skip = qc.get("modules_to_not_convert")
-    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-        raise QuantEaseError(f"{where}: modules_to_not_convert must be a list of module names")
-    return dict(qc)
+
+
+def layer_config(qc, name):
+    """The grid of module `name`: the checkpoint's, with that module's overrides (e.g. a 4-bit lm_head)."""
+    return {**qc, **qc.get("overrides", {}).get(name, {})}
 
 
 def is_skipped(name, modules_to_not_convert):
@@ -197,7 +216,7 @@ def expected_tensors(model, qc):
             raise QuantEaseError(f"{prefix} is tied to another weight and cannot be quantized; "
                                  f"list it in modules_to_not_convert")
         n, k = quantized[prefix] = linear_dims(m)
-        for suffix, s in layer_spec(n, k, qc, m.bias is not None).items():
+        for suffix, s in layer_spec(n, k, layer_config(qc, prefix), m.bias is not None).items():
             spec[f"{prefix}.{suffix}"] = s
     for name, t in model.state_dict().items():
         prefix = name.rpartition(".")[0]
@@ -329,7 +348,7 @@ def validate_checkpoint(ckpt_dir, content=True):
     if content:
         for prefix, (n, k) in quantized.items():
             layer = {s: tensors[f"{prefix}.{s}"] for s in layout.TENSORS + ("bias",) if f"{prefix}.{s}" in files}
-            check_layer_content(prefix, layer, k, qc["bits"], tensors.where(f"{prefix}.qweight"))
+            check_layer_content(prefix, layer, k, layer_config(qc, prefix)["bits"], tensors.where(f"{prefix}.qweight"))
     return config, qc, quantized, tensors
 
 
@@ -437,9 +456,13 @@ def build_quant_config(model, layers, quant_config):
             raise QuantEaseError(f"layers has '{name}', which is not a linear layer of the model")
         if qw.shape != dims[name]:
             raise QuantEaseError(f"{name}: quantized shape {list(qw.shape)} != linear [out, in] {list(dims[name])}")
-        for attr, key in (("bits", "bits"), ("group_size", "group_size"), ("sym", "sym")):
-            if getattr(qw, attr) != qc[key]:
-                raise QuantEaseError(f"{name}: {attr}={getattr(qw, attr)} but quant_config has {key}={qc[key]}")
+        lc = layer_config(qc, name)
+        for key in ("bits", "group_size", "sym"):
+            if getattr(qw, key) != lc[key]:
+                raise QuantEaseError(f"{name}: {key}={getattr(qw, key)} but quant_config has {key}={lc[key]}")
+    for name in qc.get("overrides", {}):
+        if name not in layers:
+            raise QuantEaseError(f"quant_config overrides '{name}', which is not a quantized layer")
     qc.update(quant_method=QUANT_METHOD, format_version=FORMAT_VERSION,
               modules_to_not_convert=sorted(set(dims) - set(layers)),
               quantease_version=quantease.__version__)
@@ -448,6 +471,14 @@ def build_quant_config(model, layers, quant_config):
         if is_skipped(name, qc["modules_to_not_convert"]):
             raise QuantEaseError(f"{name} is quantized but falls under modules_to_not_convert")
     return check_quant_config(qc, "quant_config")
+
+
+def untie_config(config):
+    """The config with tie_word_embeddings off, at the top and in a nested text config (Gemma 3 style)."""
+    config["tie_word_embeddings"] = False
+    for sub in config.values():
+        if isinstance(sub, dict) and "tie_word_embeddings" in sub:
+            sub["tie_word_embeddings"] = False
 
 
 def json_safe(d):
@@ -468,18 +499,20 @@ def write_checkpoint(out_dir, model, layers, *, quant_config, source_dir=None, r
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     state = model.state_dict()
     for prefix in layers:
-        if f"{prefix}.weight" in tied or f"{prefix}.weight" in tied.values():
+        if f"{prefix}.weight" in tied.values():
             raise QuantEaseError(f"{prefix} is tied to another weight and cannot be quantized")
+    # a quantized tie target (the lm_head tied to the embeddings) is stored as its own layer: the source stays
+    untied = {name for name in tied if name.rpartition(".")[0] in layers}
     tensors, layer_report, bits_sum, weights = {}, {}, 0.0, 0
     for name, t in state.items():
         prefix, _, suffix = name.rpartition(".")
-        if name in tied:
+        if name in tied and name not in untied:
             continue
         if prefix in layers:
             if suffix == "weight":
                 qw = layers[prefix]
                 try:
-                    packed = pack_layer(qw, qc["outlier_fraction"])
+                    packed = pack_layer(qw, layer_config(qc, prefix)["outlier_fraction"])
                 except QuantEaseError as e:
                     raise QuantEaseError(f"{prefix}: {e}") from None
                 n, k = qw.shape
@@ -491,6 +524,8 @@ def write_checkpoint(out_dir, model, layers, *, quant_config, source_dir=None, r
         tensors[name] = t.detach().to("cpu")
     qc["bits_per_weight"] = bits_sum / weights if weights else None
     config = model_config_dict(model)
+    if untied:
+        untie_config(config)
     config["quantization_config"] = qc
     full_report = {"quantease_version": qc["quantease_version"], "method": qc["method"],
                    "bits_per_weight": qc["bits_per_weight"], "quantization_config": qc}
@@ -524,10 +559,11 @@ def dequantized_tensors(ckpt_dir, dtype=torch.float16):
             out[name] = tensors[name]
         elif suffix == "qweight":
             n, k = quantized[prefix]
+            lc = layer_config(qc, prefix)
             get = lambda s: tensors[f"{prefix}.{s}"] if f"{prefix}.{s}" in tensors else None  # noqa: E731
             out[f"{prefix}.weight"] = layout.dequantize_packed(
                 get("qweight"), get("scales"), get("zeros"), get("outlier_idx"), get("outlier_val"),
-                qc["bits"], qc["group_size"], k, dtype=dtype)
+                lc["bits"], lc["group_size"], k, dtype=dtype)
         elif suffix == "bias":
             out[name] = tensors[name]
     config = {k: v for k, v in config.items() if k != "quantization_config"}

@@ -3,7 +3,8 @@
 No per-family code: the block stack is the nn.ModuleList of same-class modules holding the most
 parameters (so a vision tower or a small adapter list loses to the text decoder), and a block's
 quantizable layers are its nn.Linear and transformers Conv1D (GPT-2: weight stored transposed,
-[in, out]) modules.  Embeddings, the final norm and lm_head live outside the stack and stay as they are.
+[in, out]) modules.  Embeddings, the final norm and lm_head live outside the stack and stay as they are
+(the lm_head is quantized only on request: pipeline's --lm-head).
 Tested on Llama, Qwen2, Mistral, Gemma 3 (text), OPT and GPT-2.
 """
 import torch

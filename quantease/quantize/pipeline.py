@@ -17,7 +17,9 @@
    ||(W_eff - Ŵ) X_q||² + const with W_eff = W + W (Σ_fq - Σ_q) Σ_q⁻¹ (Σ_fq = X_fp X_qᵀ; Σ_q damped like
    GPTQ's), so quantize_weight(W_eff, Σ_q) solves it unchanged; --target-alpha α applies α of that correction
    (GPTAQ's α, default 0.25).  --target q: ||W X_q - Ŵ X_q||² (GPTQ).  Default: fp for quantease, q for gptq/rtn.
-4. quantease.format.checkpoint.write_checkpoint (atomic), with the per-layer table in the report.
+4. --lm-head BITS: the lm_head too, after the last block, the same way on its inputs (the last block's outputs
+   through the module found between them, the final norm); untied from the embeddings if it shared their weight.
+5. quantease.format.checkpoint.write_checkpoint (atomic), with the per-layer table in the report.
 
 Resume: after each block the results so far and the next block's inputs are saved atomically into
 DIR.partial/; a rerun with the same settings continues from there and writes the same checkpoint.
@@ -88,6 +90,9 @@ def add_arguments(p):
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lm-head", type=int, default=None, metavar="BITS",
+                   help="also quantize the output layer (lm_head) at BITS bits -- the run's method, group size and "
+                        "grid, no outliers; unties it from the input embeddings (default: the lm_head stays 16-bit)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -97,7 +102,7 @@ def run(args):
                    sweeps=args.sweeps, damp=args.damp, true_sequential=args.true_sequential, target=args.target,
                    target_alpha=args.target_alpha, calib_spec=args.calib,
                    nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
-                   overwrite=args.overwrite)
+                   lm_head=args.lm_head, overwrite=args.overwrite)
     return 0
 
 
@@ -218,10 +223,15 @@ def first_line(e):
 
 
 def check_options(method, bits, group_size, outliers, structured_outliers, sweeps, nsamples, seqlen, target="q",
-                  target_alpha=TARGET_ALPHA):
+                  target_alpha=TARGET_ALPHA, lm_head=None):
     from quantease.quantize import grid
 
     grid.check_bits(bits)
+    if lm_head is not None:
+        try:
+            grid.check_bits(lm_head)
+        except QuantEaseError as e:
+            raise QuantEaseError(f"--lm-head: {e}") from None
     if method not in METHODS:
         raise QuantEaseError(f"--method {method}: choose one of {METHODS}")
     if target not in TARGETS:
@@ -280,8 +290,10 @@ def split_hidden(args, kwargs):
     return kwargs.pop("hidden_states"), (), kwargs
 
 
-def block_call_args(model, blocks, ids0, device):
-    """[(args, kwargs)] each block gets besides its hidden states, from one forward of sample 0."""
+def block_call_args(model, blocks, ids0, device, tail=None):
+    """[(args, kwargs)] each block gets besides its hidden states, from one forward of sample 0.
+    tail (a dict): also catch the last block's output ("last") and the lm_head's input ("head"), to find what
+    runs between them (quantize_head)."""
     calls, hooks = [None] * len(blocks), []
 
     def pre(i):
@@ -298,6 +310,14 @@ def block_call_args(model, blocks, ids0, device):
     for i, block in enumerate(blocks):
         hooks.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
         hooks.append(block.register_forward_hook(post))
+    if tail is not None:
+        def last(module, args, output):
+            tail["last"] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+
+        def head(module, args):
+            tail["head"] = args[0].detach()
+        hooks.append(blocks[-1].register_forward_hook(last))
+        hooks.append(model.get_output_embeddings().register_forward_pre_hook(head))
     try:
         with torch.no_grad():
             model(ids0.to(device), use_cache=False)
@@ -512,6 +532,69 @@ def block_outputs(block, inputs, call, device, store):
         return [run_block(block, hs, call, device).detach().to(store) for hs in inputs]
 
 
+# ---------------------------------------------------------------- the lm_head (--lm-head BITS)
+
+def module_name(model, module):
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def find_head_input(model, blocks, tail):
+    """The module between the last block and the lm_head (the final norm, or nothing), found by trying the
+    leaf modules outside the block stack on sample 0's last block output until one gives the lm_head's input
+    (tail from block_call_args; the modules outside the stack still on its device)."""
+    last, want = tail["last"], tail["head"]
+    inside = {id(m) for m in blocks.modules()} | {id(model.get_output_embeddings())}
+    named = [(n, m) for n, m in model.named_modules() if id(m) not in inside and not list(m.children())]
+    named.sort(key=lambda nm: "norm" not in nm[0] and "ln" not in nm[0])  # the usual names first
+    tol = 1e-3 * float(want.abs().max()) + 1e-6
+    for name, m in [("", torch.nn.Identity())] + named:
+        try:
+            with torch.no_grad():
+                got = m(last)
+        except Exception:  # rotary embeddings, embeddings, ...: not a function of the hidden states
+            continue
+        if torch.is_tensor(got) and got.shape == want.shape and float((got - want).abs().max()) <= tol:
+            return m
+    raise QuantEaseError("--lm-head: cannot find what runs between the last block and the lm_head in "
+                         f"{type(model).__name__} (no final norm reproduces its input); quantize without --lm-head")
+
+
+def untie_head(model, head):
+    """The lm_head gets its own weight when it shares the input embeddings' (the quantized one replaces it)."""
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+
+
+def quantize_head(model, norm, inputs, fp_inputs, device, opts):
+    """Quantize the lm_head on the final hidden states (the last block's outputs through `norm`), like one more
+    group of a block: ({name: QuantizedWeight}, {name: row})."""
+    head = model.get_output_embeddings()
+    name = module_name(model, head)
+    untie_head(model, head)
+    head.to(device)
+    norm.to(device)
+    fp = fp_inputs is not None
+    sigmas = None  # Σ_q (and with target fp Σ_fq, Σ_fp), as accumulate_sigmas(_fp) makes them for a block
+    with torch.no_grad():
+        for i, hs in enumerate(inputs):
+            xq = norm(hs.to(device)).reshape(-1, hs.shape[-1])
+            if sigmas is None:
+                sigmas = [torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
+                          for _ in range(3 if fp else 1)]
+            add_xtx(sigmas[0], xq, xq)
+            if fp:
+                xf = norm(fp_inputs[i].to(device)).reshape(-1, hs.shape[-1])
+                add_xtx(sigmas[1], xf, xq)
+                add_xtx(sigmas[2], xf, xf)
+    qw, row = quantize_linear(head, sigmas[0], opts, tuple(sigmas[1:]) if fp else None)
+    head.to("cpu")
+    norm.to("cpu")
+    return {name: qw}, {name: dict(shape=list(qw.shape), outliers=qw.num_outliers,
+                                   bits_per_weight=qw.bits_per_weight, **row)}
+
+
 # ---------------------------------------------------------------- resume state
 
 def qw_to(qw, device):
@@ -621,11 +704,12 @@ def keep_on_device(n_values, device, streams=1):
 def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_size=-1, sym=False, outliers=None,
                    structured_outliers=False, sweeps=None, damp=0.01, true_sequential=False, target=None,
                    target_alpha=TARGET_ALPHA, calib_spec, nsamples=128, seqlen=2048, device=None, seed=0,
-                   overwrite=False, progress=None):
+                   lm_head=None, overwrite=False, progress=None):
     """Quantize a whole HF decoder into a quantease checkpoint at out_dir; returns the report dict.
 
     target: "fp" (each layer matches the full-precision model's output) or "q" (W on the quantized model's
-    inputs); None: DEFAULT_TARGET[method].  progress: show tqdm bars (None: only on a terminal)."""
+    inputs); None: DEFAULT_TARGET[method].  lm_head: bits of the lm_head, quantized after the blocks (None: kept
+    16-bit).  progress: show tqdm bars (None: only on a terminal)."""
     from tqdm.auto import tqdm
 
     from quantease.format.checkpoint import check_target, write_checkpoint
@@ -635,7 +719,7 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
     if target is None:
         target = DEFAULT_TARGET.get(method, "q")
     check_options(method, bits, group_size, outliers, structured_outliers, sweeps, nsamples, seqlen, target,
-                  target_alpha)
+                  target_alpha, lm_head)
     model_path, local = check_model_path(model_path)
     if calib_spec != calib.SELF and (Path(calib_spec).suffix in (".txt", ".jsonl", ".raw")
                                      or str(calib_spec).startswith((".", "/", "~"))):
@@ -659,7 +743,7 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
     fingerprint = dict(version=STATE_VERSION, model=str(Path(model_path).resolve()) if local else model_path,
                        calib=str(calib_spec), nsamples=nsamples, seqlen=seqlen, seed=seed, device=dev.type,
                        dtype=str(next(model.parameters()).dtype), true_sequential=true_sequential, target=target,
-                       files=folder_stamp(model_path) if local else None,
+                       files=folder_stamp(model_path) if local else None, lm_head=lm_head,
                        # a run left by older defaults (e.g. before grid refit) must not be resumed with new ones
                        defaults=repr(sorted(DEFAULTS.get(method, {}).items())), **opts)
     pdir = partial_dir(out)
@@ -695,7 +779,10 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
         discover.set_weight(model.get_submodule(name), qw.dequantize())
     try:
         move_outside(model, blocks, dev)
-        calls = block_call_args(model, blocks, ids[:1], dev)
+        tail = {} if lm_head is not None else None
+        calls = block_call_args(model, blocks, ids[:1], dev, tail)
+        head_norm = find_head_input(model, blocks, tail) if tail is not None else None
+        del tail
         if start == 0:
             inputs = first_block_inputs(model, blocks, ids, dev, store)
             fp_inputs = list(inputs) if fp_target else None  # the same tensors: block 0 sees the same inputs
@@ -745,13 +832,27 @@ def quantize_model(model_path, out_dir, *, method="quantease", bits=3, group_siz
         saver.wait(check=False)  # the last block committed before the error goes on: a rerun resumes after it
         raise
     saver.wait()
+    overrides = {}
+    if lm_head is not None:
+        head_opts = dict(opts, bits=lm_head, outlier_fraction=0.0, structured_outliers=False)
+        try:
+            res, rws = quantize_head(model, head_norm, inputs, fp_inputs, dev, head_opts)
+        except torch.cuda.OutOfMemoryError:
+            raise QuantEaseError(f"out of GPU memory on the lm_head: lower --nsamples or --seqlen, or use --device "
+                                 f"cpu; the blocks are saved in {pdir} and a rerun resumes there") from None
+        for name, r in rws.items():
+            r["target"] = target
+            overrides[name] = dict(bits=lm_head, outlier_fraction=0.0)
+        results.update(res)
+        rows.update(rws)
 
     seconds = time.time() - t_start
     print_table(rows, target)
     model.to(save_dtype(model.config))
     convert_conv1d(model, results)
     quant_config = dict(bits=bits, group_size=group_size, sym=sym, outlier_fraction=outliers,
-                        structured_outliers=structured_outliers, method=method)
+                        structured_outliers=structured_outliers, method=method,
+                        **({"overrides": overrides} if overrides else {}))
 
     sweeps = DEFAULTS.get(method, {}).get("sweeps") if sweeps is None else sweeps
     report = dict(seconds=seconds, sweeps=sweeps, damp=damp, true_sequential=true_sequential, target=target,

@@ -59,9 +59,9 @@ def replace_linears(model, qc):
     """Swap every nn.Linear the checkpoint stores quantized for a QuantEaseLinear of the same shape, in place.
 
     Called on the meta-device model before weights load, so no dense weight is ever materialised."""
-    from quantease.format.checkpoint import quantized_linears
+    from quantease.format.checkpoint import layer_config, quantized_linears
 
     names = quantized_linears(model, qc)
     for name, linear in names.items():
-        model.set_submodule(name, QuantEaseLinear.from_linear(linear, qc))
+        model.set_submodule(name, QuantEaseLinear.from_linear(linear, layer_config(qc, name)))
     return list(names)

@@ -15,12 +15,14 @@ Sharding (tensor parallel):
     together).
 """
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
@@ -42,7 +44,7 @@ def _matches(prefix, module):
 
 class QuantEaseConfig(QuantizationConfig):
     def __init__(self, bits, group_size, sym, outlier_fraction, structured_outliers=False,
-                 modules_to_not_convert=()):
+                 modules_to_not_convert=(), overrides=None):
         super().__init__()
         self.bits = bits
         self.group_size = group_size
@@ -50,6 +52,7 @@ class QuantEaseConfig(QuantizationConfig):
         self.outlier_fraction = outlier_fraction
         self.structured_outliers = structured_outliers
         self.modules_to_not_convert = list(modules_to_not_convert)
+        self.overrides = dict(overrides or {})  # {checkpoint module name: grid keys}, e.g. a 4-bit lm_head
         self.quantized_prefixes = None  # set of checkpoint prefixes holding a .qweight, when the folder is local
 
     def __repr__(self):
@@ -78,7 +81,7 @@ class QuantEaseConfig(QuantizationConfig):
         return cls(bits=qc["bits"], group_size=qc["group_size"], sym=qc["sym"],
                    outlier_fraction=float(qc["outlier_fraction"]),
                    structured_outliers=bool(qc.get("structured_outliers", False)),
-                   modules_to_not_convert=qc["modules_to_not_convert"])
+                   modules_to_not_convert=qc["modules_to_not_convert"], overrides=qc.get("overrides"))
 
     def maybe_update_config(self, model_name, hf_config=None, revision=None):
         # Which linears are really quantized is read off the checkpoint's tensor names (headers only), so a
@@ -89,6 +92,7 @@ class QuantEaseConfig(QuantizationConfig):
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper):
         self.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.modules_to_not_convert)
+        self.overrides = {hf_to_vllm_mapper.apply_list([k])[0]: v for k, v in self.overrides.items()}
         if self.quantized_prefixes is not None:
             self.quantized_prefixes = set(hf_to_vllm_mapper.apply_list(sorted(self.quantized_prefixes)))
 
@@ -109,12 +113,23 @@ class QuantEaseConfig(QuantizationConfig):
                                  "quantize all of them or none")
         return all(flags)
 
+    def grid(self, prefix):
+        """bits, group_size, sym, outlier_fraction of the layer at prefix (its shards' overrides must agree)."""
+        base = dict(bits=self.bits, group_size=self.group_size, sym=self.sym, outlier_fraction=self.outlier_fraction)
+        grids = [{**base, **self.overrides.get(p, {})} for p in self._shard_prefixes(prefix)]
+        if any(g != grids[0] for g in grids):
+            raise QuantEaseError(f"{prefix}: vLLM fuses {', '.join(self._shard_prefixes(prefix))} but their "
+                                 "quantization grids differ (overrides); give them the same grid")
+        return SimpleNamespace(**grids[0])
+
     def get_quant_method(self, layer, prefix):
-        if not isinstance(layer, LinearBase):
-            return None  # embeddings, lm_head: unquantized
+        # the lm_head is quantized only when the checkpoint says so (quantease quantize --lm-head BITS)
+        head = isinstance(layer, ParallelLMHead)
+        if not (isinstance(layer, LinearBase) or head):
+            return None  # embeddings: unquantized
         if not self.is_quantized(prefix):
-            return UnquantizedLinearMethod()
-        return QuantEaseLinearMethod(self)
+            return None if head else UnquantizedLinearMethod()
+        return QuantEaseLinearMethod(self, self.grid(prefix))
 
 
 class OutlierParameter(ChannelQuantScaleParameter):
@@ -123,12 +138,15 @@ class OutlierParameter(ChannelQuantScaleParameter):
 
 
 class QuantEaseLinearMethod(LinearMethodBase):
-    def __init__(self, quant_config: QuantEaseConfig):
+    """One quantized linear (or the lm_head, a ParallelLMHead: vLLM creates and applies it the same way)."""
+
+    def __init__(self, quant_config: QuantEaseConfig, grid=None):
         self.quant_config = quant_config
+        self.grid = grid or quant_config.grid("")
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
-        qc = self.quant_config
+        qc = self.grid
         loader = extra_weight_attrs["weight_loader"]
         n = sum(output_partition_sizes)
         k, k_full = input_size_per_partition, input_size
@@ -163,14 +181,14 @@ class QuantEaseLinearMethod(LinearMethodBase):
             data=torch.empty(n, r, dtype=torch.float16), output_dim=0, weight_loader=loader)
             if has_outliers else None)
         layer.qe_in_features = k
-        # first input column of this rank, for the outlier slots of row-parallel shards
-        layer.qe_col_start = _tp_rank(layer) * k if row_split else 0
+        # first input column of this rank, for the outlier slots of row-parallel shards (None: not split)
+        layer.qe_col_start = _tp_rank(layer) * k if row_split else None
 
     def process_weights_after_loading(self, layer):
-        qc = self.quant_config
+        qc = self.grid
         idx = None if layer.outlier_idx is None else layer.outlier_idx.data
         val = None if layer.outlier_val is None else layer.outlier_val.data
-        if idx is not None and layer.qe_in_features != layer.input_size:
+        if idx is not None and layer.qe_col_start is not None:
             # row-parallel shard: keep this rank's columns, re-based (needs idx and val together)
             start = layer.qe_col_start
             idx, val = layout.slice_outliers(idx, val, start, start + layer.qe_in_features)
@@ -184,7 +202,7 @@ class QuantEaseLinearMethod(LinearMethodBase):
         layer.qe_out_features = p["out_features"]
 
     def apply(self, layer, x, bias=None):
-        qc = self.quant_config
+        qc = self.grid
         p = {name: getattr(layer, name) for name in PREPARED}
         p.update(bits=qc.bits, group_size=qc.group_size, in_features=layer.qe_in_features,
                  out_features=layer.qe_out_features)

@@ -11,7 +11,7 @@ from quantease.format import checkpoint as ckpt
 from quantease.format import layout
 
 REPORT_KEYS = ("method", "bits", "group_size", "sym", "outlier_fraction", "structured_outliers",
-               "modules_to_not_convert", "format_version")
+               "modules_to_not_convert", "overrides", "format_version")
 
 
 def validate(folder):
