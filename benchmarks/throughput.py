@@ -8,6 +8,7 @@ Model: Llama-3-8B architecture with synthetic weights made where the benchmark r
   quantease  every linear of the fp16 draw rounded by quantease's RTN (3-bit, per-channel, asymmetric) plus
              0.5% outlier slots on random columns, packed by quantease.format.checkpoint (the real format,
              loaded by the real vLLM plugin); lm_head and embeddings stay fp16
+  quantease-head4  the same, and the lm_head RTN 4-bit per channel too (quantize --lm-head 4)
   gptq       random packed 4-bit GPTQ tensors (sym, group 128, desc_act false): vLLM picks GPTQ-Marlin
 Speed does not depend on weight values, so RTN-grade (or random) weights time the same as real ones.
 
@@ -47,7 +48,8 @@ TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_
             bos_token_id=1, eos_token_id=2)
 LINEARS = (("self_attn.q_proj", "q"), ("self_attn.k_proj", "kv"), ("self_attn.v_proj", "kv"),
            ("self_attn.o_proj", "o"), ("mlp.gate_proj", "ff"), ("mlp.up_proj", "ff"), ("mlp.down_proj", "down"))
-MODELS = ("fp16", "quantease", "gptq")
+MODELS = ("fp16", "quantease", "quantease-head4", "gptq")
+HEAD_BITS = 4  # quantease-head4's lm_head
 BITS, FRACTION = 3, 0.005
 CSV_FIELDS = ("model", "batch", "prompt_len", "new_tokens", "t1_s", "tn_s", "decode_tok_s", "tpot_ms", "ttft_ms",
               "vllm_ttft_ms", "vllm_tpot_ms", "vllm_itl_ms", "prefill_tok_s", "weights_gib", "checkpoint_gib",
@@ -102,21 +104,22 @@ def layer_weights(cfg, gen, device):
             yield f"model.layers.{i}.{name}", torch.randn(n, k, generator=gen, device=device) * 0.02
 
 
-def quantease_layer(w, gen):
-    """RTN 3-bit per-channel asymmetric + random outlier slots holding the residual there -> packed tensors."""
+def quantease_layer(w, gen, bits=BITS, fraction=FRACTION):
+    """RTN per-channel asymmetric + random outlier slots holding the residual there -> packed tensors."""
     from quantease.format import checkpoint as ckpt
     from quantease.format import layout
     from quantease.quantize.result import QuantizedWeight
     from quantease.quantize.rtn import rtn
 
     n, k = w.shape
-    codes, scale, zero = rtn(w, BITS, -1, False)
-    qw = QuantizedWeight(codes=codes.to(torch.uint8), scale=scale, zero=zero, bits=BITS, group_size=-1, sym=False)
-    r = layout.outlier_slots(k, FRACTION)
-    idx = torch.sort(torch.randint(0, k, (n, r), generator=gen, device=w.device), dim=1).values
-    resid = w - qw.grid_weight()
-    qw.outlier_idx, qw.outlier_val = idx, resid.gather(1, idx).half()
-    return ckpt.pack_layer(qw, FRACTION)
+    codes, scale, zero = rtn(w, bits, -1, False)
+    qw = QuantizedWeight(codes=codes.to(torch.uint8), scale=scale, zero=zero, bits=bits, group_size=-1, sym=False)
+    r = layout.outlier_slots(k, fraction)
+    if r:
+        idx = torch.sort(torch.randint(0, k, (n, r), generator=gen, device=w.device), dim=1).values
+        resid = w - qw.grid_weight()
+        qw.outlier_idx, qw.outlier_val = idx, resid.gather(1, idx).half()
+    return ckpt.pack_layer(qw, fraction)
 
 
 def gptq_layer(n, k, gen, device, group=128):
@@ -136,10 +139,13 @@ def make_checkpoint(kind, out, tiny=False, device=None, dummy=False, seed=0):
     cfg = model_config(tiny)
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.time()
-    if kind == "quantease":
+    head4 = kind == "quantease-head4"
+    if kind.startswith("quantease"):
         qc = dict(quant_method="quantease", format_version=1, bits=BITS, group_size=-1, sym=False,
                   outlier_fraction=FRACTION, structured_outliers=False, modules_to_not_convert=["lm_head"],
                   method="rtn-synthetic")
+        if head4:
+            qc.update(modules_to_not_convert=[], overrides={"lm_head": {"bits": HEAD_BITS, "outlier_fraction": 0.0}})
     elif kind == "gptq":
         qc = dict(quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq",
                   lm_head=False)
@@ -150,17 +156,20 @@ def make_checkpoint(kind, out, tiny=False, device=None, dummy=False, seed=0):
         if kind == "fp16" and dummy:
             return 0.0
         tensors = dict(dense_tensors(cfg, gen, device))
+        if head4:
+            head = tensors.pop("lm_head.weight").to(device).float()
+            tensors.update({f"lm_head.{s}": t.cpu() for s, t in quantease_layer(head, gen, HEAD_BITS, 0.0).items()})
         for prefix, w in layer_weights(cfg, gen, device):
             if kind == "fp16":
                 tensors[f"{prefix}.weight"] = w.half().cpu()
-            elif kind == "quantease":
+            elif kind.startswith("quantease"):
                 tensors.update({f"{prefix}.{s}": t.cpu() for s, t in quantease_layer(w, gen).items()})
             else:
                 tensors.update({f"{prefix}.{s}": t.cpu() for s, t in gptq_layer(*w.shape, gen, device).items()})
             del w
         ckpt.write_shards(tmp, tensors, 2 * 1024 ** 3)
         size = sum(t.numel() * t.element_size() for t in tensors.values()) / 1024 ** 3
-    if kind == "quantease":
+    if kind.startswith("quantease"):
         ckpt.validate_checkpoint(out, content=tiny)  # the real format check (headers; values too when tiny)
     print(f"[make] {kind}: {out} {size:.3f} GiB in {time.time() - t0:.0f}s", flush=True)
     return size
@@ -214,7 +223,7 @@ def mean_ms(before, after):
 # GEMMs).  "copy / fill": torch's copies and fills -- for quantease the outlier epilogue's x^T copy and the split-K
 # zeroing of out, one of each per layer call.
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attn", "paged", "reshape_and_cache")),
-                ("quantease", ("qgemv_half2", "qgemm_half2", "dequant_half2", "ell_", "qgemm_swap", "qgemv")),
+                ("quantease", ("qgemv_half2", "qgemm", "dequant_half2", "dequant_kernel", "ell_", "qgemv")),
                 ("copy / fill", ("direct_copy", "fillfunctor", "copy_kernel")),
                 ("fp16 GEMM", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
                 ("norm / act / rope", ("rms", "norm", "silu", "act_and_mul", "rotary", "rope")))
