@@ -56,7 +56,7 @@ def test_gemm_half2_with_the_fused_prologue(m, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("flag, want", (("1", "True"), ("0", "False"), ("", "False"),
+@pytest.mark.parametrize("flag, want", (("1", "True"), ("0", "False"), ("", "True"),
                                         ("yes", "$QUANTEASE_PROLOGUE='yes': 0")))
 def test_prologue_env(flag, want):
     """$QUANTEASE_PROLOGUE turns the one-launch prologue on or off at import (vLLM's processes inherit it); anything

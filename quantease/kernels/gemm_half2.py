@@ -89,10 +89,12 @@ MIN_M = 2
 SPLIT_ADD_MAX_M = 4
 SPLIT_ADD_MIN_SLOTS = 1 << 20
 # The x^T copy (fused outliers gathering from x^T) and the zeroing of out (split K) as one launch (kernels/prologue.py)
-# instead of torch's copy and fill: one launch less per such call (128 per decode step at batch 32 in vLLM).  Off
-# until a GPU run has timed it (benchmarks/kernels_half2.py --prologue); $QUANTEASE_PROLOGUE = 1 / 0 overrides the
-# default (an A/B inside vLLM, whose processes inherit the environment).
-PROLOGUE_ENV, PROLOGUE_DEFAULT = "QUANTEASE_PROLOGUE", "0"
+# instead of torch's copy and fill: one launch less per such call (128 per decode step at batch 32 in vLLM).  H100,
+# session 13 (kernels_half2.py --prologue, 0.5% outliers, table config, two launches -> one): 8192^2 M = 16 26.7 ->
+# 25.0 us, M = 32 34.6 -> 33.6; 28672x4096 43.5 -> 42.1 / 56.7 -> 55.1; 4096x14336 28.4 -> 26.7 / 37.4 -> 35.0;
+# 6144x4096 15.5 -> 15.5 / 18.4 -> 17.2 (y agrees to 1e-4..6e-4).  $QUANTEASE_PROLOGUE = 1 / 0 overrides the default
+# (an A/B inside vLLM, whose processes inherit the environment).
+PROLOGUE_ENV, PROLOGUE_DEFAULT = "QUANTEASE_PROLOGUE", "1"
 _prologue_flag = os.environ.get(PROLOGUE_ENV, PROLOGUE_DEFAULT) or PROLOGUE_DEFAULT
 if _prologue_flag not in ("0", "1"):
     raise QuantEaseError(f"${PROLOGUE_ENV}={_prologue_flag!r}: 0 (torch's copy and fill, two launches) or 1 (one "
