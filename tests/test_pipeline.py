@@ -363,7 +363,7 @@ def test_lm_head_quantized_on_the_final_hidden_states(work, tmp_path):
     # the lm_head's objective on its real inputs (the final norm's outputs): QuantEase's Σ makes it beat RTN
     from transformers import AutoTokenizer
     ids = calib.load(str(work / "calib.txt"), AutoTokenizer.from_pretrained(src), 2, 64, seed=1)
-    w = fp.lm_head.weight
+    w = fp.lm_head.weight.detach()
     errs = {}
     for method in ("quantease", "rtn"):
         x = head_inputs(tmp_path / method, ids)
