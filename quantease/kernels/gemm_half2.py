@@ -113,8 +113,10 @@ FUSED_PROLOGUE = _prologue_flag == "1"
 # their gathers after it wait on no load.  Session 8 (kernels_half2.py --asym --outliers, all four shapes, M = 2-32):
 # PRE 2 -6..+10 points against the table's cost (8192^2: +25..+46% vs +25..+37%), PRE 4 -7..+21: no gain, the table
 # keeps PRE 0.  The chain is not the idx load's latency alone (cf. the L2 prefetch of session 6).
-# IL (config element 10, session 12, not timed yet): the epilogue's gather steps moved into the K loop, one per block,
-# so that each step's x^T round trip overlaps the words' DRAM stream instead of following it.
+# IL (config element 10, session 12): the epilogue's gather steps moved into the K loop, one per block, so that each
+# step's x^T round trip overlaps the words' DRAM stream instead of following it.  H100, session 13 (kernels_half2.py
+# --outliers, 0.5% over 0%): lost at 8192^2 M = 4 / 16 (+57 / +36% vs the table's +24 / +26%: 167-244 registers cost
+# more occupancy than the chain it hides), won only at 28672x8192 M = 16 / 32 (+35 / +36% vs +41 / +44%): off.
 
 
 def pick_config(m):

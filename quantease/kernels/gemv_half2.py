@@ -597,14 +597,6 @@ def _pairs_ready(x):
     return xp
 
 
-# loop_outliers' default (H100, session 13, kernels_half2.py --outliers at M = 1, 0.5% vs 0% outliers, table (early
-# slots or after the loop) -> loop): it wins where the config has no early slots, (32, 2, 1) 28672x8192 +9% -> +5% /
-# +8% (two runs), and on the 4-warp ragged-K config, (8, 16, 4) 4096x11008 +12% -> +4%; it loses on the 1-warp
-# (8, 8, 1) with early slots: 11008x4096 +8% -> +31%, 4096^2 +6% -> +10%, 8192^2 +5% -> +9% (8192x28672 -3% both).
-def loop_outliers_auto(bn, warps):
-    return not (bn * 32 <= 512 * warps and warps == 1)
-
-
 def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_outliers=None, lead=None, level=2,
                 pin=None, cg=None, xhint=None, pipe=None, nreg=None, use_pdl=None, loop_outliers=None):
     """x [M, K] fp16/bf16, prepare_half2's dict p, bias [N] | None, out [M, N] -> out.  Any M (rows of x are
@@ -627,7 +619,7 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     math, so no idx -> gather chain is left after the loop (the rest, if any, as before); True: enough slots a step
     to cover R (a power of 2, <= 32), an int: that many (sm_90 AOT, ptxas' register choices are not monotonic in
     it: (8, 8, 1) 8 slots 194 registers, 2 / 4 / 16 spill); False / 0: off; None (with early_outliers None): True
-    unless the config is a 1-warp one with early slots (loop_outliers_auto)."""
+    unless the config is a 1-warp one with early slots."""
     if "words" not in p:
         raise QuantEaseError("qgemv_half2 needs prepare_half2's layout (got a dict without 'words')")
     if not half2_supported(p["bits"], p["group_size"]):
@@ -660,10 +652,16 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
     if lead < 0 or level not in (1, 2):
         raise QuantEaseError(f"cache hint lead={lead!r} level={level!r}: lead >= 0 steps, level 1 or 2")
     bm = 1 if m == 1 else (2 if m == 2 else BM_MAX)
+    early = bn * 32 <= 512 * warps  # the early slots' default
+    # loop_outliers' default (H100, session 13, kernels_half2.py --outliers at M = 1, 0.5% vs 0% outliers, table
+    # (early slots or after the loop) -> loop): it wins where the config has no early slots, (32, 2, 1) 28672x8192
+    # +9% -> +5% / +8% (two runs), and on the 4-warp ragged-K config, (8, 16, 4) 4096x11008 +12% -> +4%; it loses
+    # on the 1-warp (8, 8, 1) with early slots: 11008x4096 +8% -> +31%, 4096^2 +6% -> +10%, 8192^2 +5% -> +9%
+    # (8192x28672 -3% both)
     if loop_outliers is None:
-        loop_outliers = early_outliers is None and loop_outliers_auto(bn, warps)
+        loop_outliers = early_outliers is None and not (early and warps == 1)
     if early_outliers is None:
-        early_outliers = bn * 32 <= 512 * warps
+        early_outliers = early
     words, zeros, oi, ov = p["words"], p["zeros"], p["outlier_idx"], p["outlier_val"]
     nblk = words.shape[1] // (3 * q)
     has_out = oi is not None

@@ -384,16 +384,25 @@ def add_xtx(sigma, a, b):
     sigma.addmm_(a.t().to(torch.float32), b.to(torch.float32))
 
 
+def add_sigmas(sigmas, key, xq, xf=None):
+    """sigmas[key] += (Σ_q,) or, with xf (target fp), (Σ_q, Σ_fq, Σ_fp) of one sample's inputs [T, K]:
+    Σ_q = x_qᵀx_q, Σ_fq = x_fpᵀx_q, Σ_fp = x_fpᵀx_fp, float32 [K, K], made at the first sample."""
+    if key not in sigmas:
+        sigmas[key] = tuple(torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
+                            for _ in range(1 if xf is None else 3))
+    add_xtx(sigmas[key][0], xq, xq)
+    if xf is not None:
+        add_xtx(sigmas[key][1], xf, xq)
+        add_xtx(sigmas[key][2], xf, xf)
+
+
 def accumulate_sigmas(block, groups, inputs, call, device):
     """{first linear name of each group: Σ xᵀx float32 [K, K]} over all calibration samples."""
     sigmas, hooks = {}, []
 
     def hook(name):
         def add(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if name not in sigmas:
-                sigmas[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            add_xtx(sigmas[name], x, x)
+            add_sigmas(sigmas, name, args[0].detach().reshape(-1, args[0].shape[-1]))
         return add
 
     for group in groups:
@@ -405,7 +414,7 @@ def accumulate_sigmas(block, groups, inputs, call, device):
     finally:
         for h in hooks:
             h.remove()
-    return sigmas
+    return {name: s[0] for name, s in sigmas.items()}
 
 
 def accumulate_sigmas_fp(block, fp_block, groups, inputs, fp_inputs, call, device):
@@ -422,15 +431,7 @@ def accumulate_sigmas_fp(block, fp_block, groups, inputs, fp_inputs, call, devic
 
     def add(name):
         def hook(module, args):
-            xq = args[0].detach().reshape(-1, args[0].shape[-1])
-            xf = caught[name].pop(0)
-            if name not in sigmas:
-                sigmas[name] = tuple(torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
-                                     for _ in range(3))
-            sq, sfq, sfp = sigmas[name]
-            add_xtx(sq, xq, xq)
-            add_xtx(sfq, xf, xq)
-            add_xtx(sfp, xf, xf)
+            add_sigmas(sigmas, name, args[0].detach().reshape(-1, args[0].shape[-1]), caught[name].pop(0))
         return hook
 
     for group in groups:
@@ -560,11 +561,10 @@ def find_head_input(model, blocks, tail):
 
 
 def untie_head(model, head):
-    """The lm_head gets its own weight when it shares the input embeddings' (the quantized one replaces it)."""
+    """The lm_head gets its own weight when it shares the input embeddings' (the quantized one replaces it);
+    write_checkpoint stores the tie target quantized and writes the config untied."""
     if head.weight is model.get_input_embeddings().weight:
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        config.tie_word_embeddings = False
 
 
 def quantize_head(model, norm, inputs, fp_inputs, device, opts):
@@ -576,19 +576,14 @@ def quantize_head(model, norm, inputs, fp_inputs, device, opts):
     head.to(device)
     norm.to(device)
     fp = fp_inputs is not None
-    sigmas = None  # Σ_q (and with target fp Σ_fq, Σ_fp), as accumulate_sigmas(_fp) makes them for a block
+    sigmas = {}
     with torch.no_grad():
         for i, hs in enumerate(inputs):
             xq = norm(hs.to(device)).reshape(-1, hs.shape[-1])
-            if sigmas is None:
-                sigmas = [torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
-                          for _ in range(3 if fp else 1)]
-            add_xtx(sigmas[0], xq, xq)
-            if fp:
-                xf = norm(fp_inputs[i].to(device)).reshape(-1, hs.shape[-1])
-                add_xtx(sigmas[1], xf, xq)
-                add_xtx(sigmas[2], xf, xf)
-    qw, row = quantize_linear(head, sigmas[0], opts, tuple(sigmas[1:]) if fp else None)
+            xf = norm(fp_inputs[i].to(device)).reshape(-1, hs.shape[-1]) if fp else None
+            add_sigmas(sigmas, name, xq, xf)
+    s = sigmas[name]
+    qw, row = quantize_linear(head, s[0], opts, s[1:] if fp else None)
     head.to("cpu")
     norm.to("cpu")
     return {name: qw}, {name: dict(shape=list(qw.shape), outliers=qw.num_outliers,
