@@ -173,7 +173,8 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     IL (the slot steps inside the K loop, one per block; BR 1 or the table's; session 12: sm_90 AOT at (16, 128, 4)
     95 -> 167 registers at BR 1, 116 -> 244 at BR 2); at M = 1 the GEMV's variants instead (gemv_loop()),
     OS = 1 / 2 / 4 outlier-only programs per weight tile beside the K splits (scheduled first), PRE = 2 / 4 slots
-    per split loaded before the K loop, and the epilogue
+    per split loaded before the K loop, OF (session 14: all the split's slots added before the K loop, its first 1 /
+    2 / all blocks' words L2-prefetched first; of2_br4 at 4 slots a step), and the epilogue
     alone (the K loop skipped: launch, x^T copy, zeroing, outlier adds, atomics).  Session 6 calls 4 and 6 and
     session 7 call 1 timed more (BR 2, x^T copy or gather from x forced, the split's slots prefetched into L2
     first, steps unrolled in commit c31b07b; results/kernels_half2.md)."""
@@ -193,6 +194,11 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
             us0 = time_kernel(p0, m, lambda x, q, o: gemm_half2.qgemm_half2(x, q, None, o))
             w.writerow([n, k, m, 0.0, "half2", str(tab), f"{us0:.2f}", f"{base:.2f}", f"{base / us0:.3f}"])
             cells = []
+            if want is None or "pf_all" in want:  # 0%: the split's words all L2-prefetched at the start (OF's half)
+                cfg = tab[:5] + (None, 0, 0, 0, 0, 99)
+                us = time_kernel(p0, m, lambda x, q, o, c=cfg: gemm_half2.qgemm_half2(x, q, None, o, c))
+                w.writerow([n, k, m, 0.0, "half2_pf_all", str(cfg), f"{us:.2f}", f"{base:.2f}", f"{base / us:.3f}"])
+                cells.append(f"0% pf_all {us:.1f} ({us / us0 - 1:+.0%})")
             # (name, config, gather_x, outliers_only, outlier_path): path "split" / "ell" adds them after the GEMM
             for name, cfg, gx, only, path in (("table", tab, None, False, None),
                                               ("split", tab, None, False, "split"),
@@ -207,6 +213,10 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
                                               ("br1", tab[:5] + (1,), None, False, None),
                                               ("il", tab[:5] + (None, 0, 0, 0, 1), None, False, None),
                                               ("il_br1", tab[:5] + (1, 0, 0, 0, 1), None, False, None),
+                                              ("of1", tab[:5] + (None, 0, 0, 0, 0, 1), None, False, None),
+                                              ("of2", tab[:5] + (None, 0, 0, 0, 0, 2), None, False, None),
+                                              ("of_all", tab[:5] + (None, 0, 0, 0, 0, 99), None, False, None),
+                                              ("of2_br4", tab[:5] + (4, 0, 0, 0, 0, 2), None, False, None),
                                               ("epilogue_alone", tab, None, True, None)):
                 if want is not None and name not in want:
                     continue

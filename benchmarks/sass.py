@@ -91,18 +91,21 @@ def planes():
 
 def half2():
     """gemm_half2 (1-warp mma.sync and 4-warp wgmma tiles, PIPE 2) without / with 0.5%-style outliers and groups, and
-    IL at BR 1 and the table's BR; the GEMV's M = 1 configs at Q = 8 ((8, 8, 1): 8192^2, (32, 2, 1): long N) without
+    IL at BR 1 and the table's BR, OF (4 blocks prefetched; with outliers: their steps before the loop); the GEMV's M = 1 configs at Q = 8 ((8, 8, 1): 8192^2, (32, 2, 1): long N) without
     outliers, with the early slots, after the loop, and 8 slots a step inside it (ILR)."""
     ptrs = dict(w_ptr="*i16", z_ptr="*i16")
     for bm, bn, warps in ((16, 64, 1), (16, 128, 4), (32, 128, 4)):
         br = gemm_swap.epilogue_br(warps, bm, bn)
-        variants = ((False, False, False, br), (True, False, False, br), (True, True, False, br),
-                    (True, False, False, 1), (True, False, True, br), (True, False, True, 1))
-        for outl, grouped, il, r in dict.fromkeys(variants):  # (BR 1 rows once where the table's BR is 1)
+        variants = ((False, False, False, br, 0), (True, False, False, br, 0), (True, True, False, br, 0),
+                    (True, False, False, 1, 0), (True, False, True, br, 0), (True, False, True, 1, 0),
+                    (False, False, False, br, 4), (True, False, False, br, 4))
+        for outl, grouped, il, r, of in dict.fromkeys(variants):  # (BR 1 rows once where the table's BR is 1)
             c = dict(BF16=False, ZERO=4, HAS_ZEROS=True, GROUPED=grouped, HAS_BIAS=False, OUTLIERS=outl, ASM=True,
-                     SPLIT=True, ATOMIC=True, BM=bm, BN=bn, BR=r, PIPE=2, OS=0, PRE=0, IL=il, PDL=0, PF=0)
+                     SPLIT=True, ATOMIC=True, BM=bm, BN=bn, BR=r, PIPE=2, OS=0, PRE=0, IL=il, OF=bool(of and outl),
+                     PDL=0, PF=of)
             build(gemm_half2.qgemm_half2_kernel, c, warps, 1,
-                  f"half2_{bm}_{bn}_{warps}_o{int(outl)}_g{int(grouped)}_il{int(il)}_br{r}", ptrs)
+                  f"half2_{bm}_{bn}_{warps}_o{int(outl)}_g{int(grouped)}_il{int(il)}_br{r}" + (f"_of{of}" if of else ""),
+                  ptrs)
     ptrs = dict(w_ptr="*i32", z_ptr="*i16")
     for bn, bkb in ((8, 8), (32, 2)):
         for outl, early, ilr in ((False, False, 0), (True, True, 0), (True, False, 0), (True, False, 8)):

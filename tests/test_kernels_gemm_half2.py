@@ -52,7 +52,8 @@ def test_table_config_matches_reference(n, k, group_size, sym, fraction, m, dtyp
 # BR outlier slots per epilogue step, 2 and 4 warps, OS outlier-only programs (1 / 3 / 2, with 1 / 3 K splits), PRE
 # slots loaded ahead of the K loop (4 and 2 of a split's 12, 16 of its 8); IL, the slots added inside the K loop (BR 2
 # on splits of 3 and 2 blocks with 12 slots each: 6 / 4 in the loop, the rest after it; 1 split, 24 slots at BR 4: 20
-# in the loop, 4 after; PRE 2 then 1 per block; 4 warps)
+# in the loop, 4 after; PRE 2 then 1 per block; 4 warps); OF, the slots added before the K loop (splits of 3 and 1
+# blocks, BR 2 / 4, over PRE and IL, 4 warps)
 @needs_triton
 @pytest.mark.parametrize("config", ((16, 16, 1, 1), (16, 32, 1, 2), (32, 32, 1, 3), (64, 16, 1, 0), (16, 64, 1, 0),
                                     (32, 32, 2, 2), (16, 32, 1, 2, 2), (16, 32, 1, 3, 3), (32, 16, 1, 1, 2, 2),
@@ -61,7 +62,9 @@ def test_table_config_matches_reference(n, k, group_size, sym, fraction, m, dtyp
                                     (16, 32, 1, 2, 2, 0, 0, 4), (16, 64, 1, 0, 2, 1, 0, 2),
                                     (32, 32, 1, 3, 2, 2, 0, 16), (64, 256, 8, 0, 2),
                                     (16, 32, 1, 2, 2, 2, 0, 0, 0, 1), (16, 64, 1, 1, 2, 4, 0, 0, 0, 1),
-                                    (32, 32, 1, 3, None, 1, 0, 2, 0, 1), (16, 128, 4, 2, 2, 0, 0, 0, 0, 1)))
+                                    (32, 32, 1, 3, None, 1, 0, 2, 0, 1), (16, 128, 4, 2, 2, 0, 0, 0, 0, 1),
+                                    (16, 32, 1, 2, 2, 2, 0, 0, 0, 0, 1), (32, 32, 1, 1, 2, 4, 0, 2, 0, 1, 99),
+                                    (16, 128, 4, 2, 2, 0, 0, 0, 0, 0, 2)))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_tiles_and_splits(config, dtype):
     run(50, 1200, -1, 0.02, False, 37, dtype, True, seed=config[1], config=config)
@@ -79,6 +82,14 @@ def test_outliers_from_x_or_its_transpose(gather_x, m):
 def test_outliers_in_the_k_loop_with_groups(gather_x):
     """IL with groups of blocks: the loop's slot sums go into acc unscaled (per channel: divided by the scale)."""
     run(40, 700, 256, 0.05, False, 5, torch.float16, True, seed=3, config=(16, 32, 1, 2, 2, 1, 0, 0, 0, 1),
+        gather_x=gather_x)
+
+
+@needs_triton
+@pytest.mark.parametrize("gather_x", (True, False))
+def test_outliers_before_the_k_loop_with_groups(gather_x):
+    """OF with groups of blocks: the slot sums start acc unscaled (per channel: divided by the scale)."""
+    run(40, 700, 256, 0.05, False, 5, torch.float16, True, seed=4, config=(16, 32, 1, 2, 2, 2, 0, 0, 0, 0, 2),
         gather_x=gather_x)
 
 

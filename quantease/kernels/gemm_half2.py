@@ -117,6 +117,14 @@ FUSED_PROLOGUE = _prologue_flag == "1"
 # step's x^T round trip overlaps the words' DRAM stream instead of following it.  H100, session 13 (kernels_half2.py
 # --outliers, 0.5% over 0%): lost at 8192^2 M = 4 / 16 (+57 / +36% vs the table's +24 / +26%: 167-244 registers cost
 # more occupancy than the chain it hides), won only at 28672x8192 M = 16 / 32 (+35 / +36% vs +41 / +44%): off.
+# OF (config element 11, session 14): the outlier steps before the K loop while the words stream into L2.  Not yet
+# timed; $QUANTEASE_OUTLIERS_FIRST = n (> 0) puts it in every table entry, n blocks prefetched (an A/B inside vLLM).
+OF_ENV = "QUANTEASE_OUTLIERS_FIRST"
+_of_flag = os.environ.get(OF_ENV, "0") or "0"
+if not _of_flag.isdigit():
+    raise QuantEaseError(f"${OF_ENV}={_of_flag!r}: a count of blocks (0: the outliers after the K loop)")
+if int(_of_flag) > 0:
+    CONFIGS = {b: (c + (None,) * 10)[:10] + (int(_of_flag),) for b, c in CONFIGS.items()}
 
 
 def pick_config(m):
@@ -298,8 +306,8 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
                        ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
-                       OS: tl.constexpr, PRE: tl.constexpr, IL: tl.constexpr, PDL: tl.constexpr,
-                       PF: tl.constexpr):
+                       OS: tl.constexpr, PRE: tl.constexpr, IL: tl.constexpr, OF: tl.constexpr,
+                       PDL: tl.constexpr, PF: tl.constexpr):
     # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel.  OS > 0: axis-1 programs
     # 0 .. OS - 1 of each tile add only the outliers (a share of the slots each, no K blocks), the others are the K
     # splits; OS = 0: every split adds a share in its epilogue
@@ -328,9 +336,17 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
         idx, val, rmask = _slot_tile(oi_ptr, ov_ptr, offs_n, mask_n, offs_r, r_hi, stride_oi, stride_ov)
         if not GROUPED:  # (the scales are loaded again after the loop: holding them through it, 186 registers)
             inv_s = 1.0 / tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=1.0).to(tl.float32)
-    if PF > 0:  # the first PF blocks' words on their way into L2 while the kernel before finishes
+    if PF > 0:  # the first PF blocks' words on their way into L2 while the kernel before (or, OF, the outlier
+        # steps below) runs
         _prefetch_l2(w_ptr, offs_n, N, stride_w, blk0, blk1, PF)
     pdl.wait(PDL)  # above: only this layer's tensors; x, x^T and out below
+    if OF:  # the split's outlier steps before the K loop, while DRAM streams the prefetched words into L2 (after
+        # the loop every program of the one wave waits on its gather chain with DRAM idle); per channel divided by
+        # the row's scale, which multiplies acc after the loop (nonzero scales only, as IL)
+        acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
+                                     stride_xt, stride_xtm, stride_oi, stride_ov, BR)
+        if not GROUPED:
+            acc = acc / tl.load(s_ptr + offs_n * stride_s, mask=mask_n, other=1.0).to(tl.float32)[:, None]
     for blk in tl.range(blk0, blk1, num_stages=PIPE):
         if IL:  # this block's step: its gathers (indices loaded a block ago) in flight during the block's math, and
             # the next step's indices and values on their way
@@ -378,7 +394,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
     if HAS_BIAS:
         if split == 0:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    if OUTLIERS:
+    if OUTLIERS and not OF:
         if OS == 0:
             if PRE > 0:
                 acc = _add_slots_ahead(acc, pidx, pval, pmask, xt_ptr, offs_m, mask_m, stride_xt, stride_xtm, PRE)
@@ -396,7 +412,8 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False, outlier_path=None,
                 use_pdl=None):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
-    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG[, IL]]]]]]) overrides
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG[, IL[, OF]]]]]]])
+    overrides
     the table:
       SPLIT_K  0: auto (gemm_swap.pick_split)
       PIPE     the K loop software-pipelined that deep; None / 1: plain loads
@@ -410,6 +427,10 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
       IL       True: the split's outlier slots BR at a time inside the K loop, one step per block (the rest, if
                the split has more steps than blocks, in the epilogue); 0 / None: all in the epilogue (OS 0 only).
                Per channel it divides by the scales: nonzero ones only (quantease's grids clamp them at 2^-24)
+      OF       n > 0: the first n of the split's blocks' words L2-prefetched at the start, and its outlier slots
+               (if any) added BEFORE the K loop, so that DRAM streams the words during the gather steps; nonzero
+               scales only, as IL.
+               0 / None: after the loop (OS 0 only; takes precedence over PRE and IL)
     outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only.
     outlier_path: "fused" (the epilogue), "ell" (outliers.ell_add after the GEMM), "split" (outliers.ell_split_add
     after it: many short programs, the GEMM keeps its registers); None: pick_outlier_path (fused up to
@@ -431,6 +452,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     pre = (cfg[7] if len(cfg) > 7 else 0) or 0
     nreg = (cfg[8] if len(cfg) > 8 else 0) or 0
     il = (cfg[9] if len(cfg) > 9 else 0) or 0
+    of = (cfg[10] if len(cfg) > 10 else 0) or 0
     if split == 0:
         split = gemm_swap.pick_split(m, n, k, bm, bn, SPLIT_TARGET if warps == 1 else SPLIT_TARGET_WARPS)
     split, bps = gemm_swap.split_blocks(k, split)
@@ -453,6 +475,10 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
     br = br or gemm_swap.epilogue_br(warps, bm, bn)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), os_ + split)
     use_pdl = pdl.enabled(x, use_pdl)
+    of_on = of > 0 and r > 0 and os_ == 0 and not outliers_only
+    pf = 0  # blocks L2-prefetched at the start (an inline asm: CUDA only)
+    if asm and x.is_cuda:
+        pf = max(2 if use_pdl == pdl.EARLY else 0, min(of, bps))
     qgemm_half2_kernel[grid](
         x, xt, out, words, p["scales"], zeros if zeros is not None else p["scales"],
         bias if bias is not None else p["scales"], oi if oi is not None else words,
@@ -463,9 +489,8 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         ov.stride(0) if ov is not None else 0,
         BF16=x.dtype == torch.bfloat16, ZERO=4, HAS_ZEROS=zeros is not None, GROUPED=p["group_size"] != -1,
         HAS_BIAS=bias is not None, OUTLIERS=r > 0, ASM=asm and x.is_cuda, SPLIT=zero, ATOMIC=x.is_cuda,
-        BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 else 0,
-        IL=bool(il) and r > 0 and os_ == 0,
-        PDL=use_pdl, PF=2 if use_pdl == pdl.EARLY and asm else 0,
+        BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 and not of_on else 0,
+        IL=bool(il) and r > 0 and os_ == 0 and not of_on, OF=of_on, PDL=use_pdl, PF=pf,
         num_warps=warps, num_stages=1, **({"maxnreg": nreg} if nreg and x.is_cuda else {}),
         **pdl.launch_kwargs(use_pdl))
     if oi is not None and outlier_path == "ell":
