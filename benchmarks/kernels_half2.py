@@ -174,7 +174,8 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
     95 -> 167 registers at BR 1, 116 -> 244 at BR 2); at M = 1 the GEMV's variants instead (gemv_loop()),
     OS = 1 / 2 / 4 outlier-only programs per weight tile beside the K splits (scheduled first), PRE = 2 / 4 slots
     per split loaded before the K loop, OF (session 14: all the split's slots added before the K loop, its first 1 /
-    2 / all blocks' words L2-prefetched first; of2_br4 at 4 slots a step), and the epilogue
+    2 / all blocks' words L2-prefetched first; of2_br4 at 4 slots a step; always fused, also where the table adds
+    them after the GEMM), and the epilogue
     alone (the K loop skipped: launch, x^T copy, zeroing, outlier adds, atomics).  Session 6 calls 4 and 6 and
     session 7 call 1 timed more (BR 2, x^T copy or gather from x forced, the split's slots prefetched into L2
     first, steps unrolled in commit c31b07b; results/kernels_half2.md)."""
@@ -202,6 +203,7 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
             # (name, config, gather_x, outliers_only, outlier_path): path "split" / "ell" adds them after the GEMM
             for name, cfg, gx, only, path in (("table", tab, None, False, None),
                                               ("split", tab, None, False, "split"),
+                                              ("fused", tab, None, False, "fused"),
                                               ("ell", tab, None, False, "ell"),
                                               ("br4", tab[:5] + (4,), None, False, None),
                                               ("os1", tab[:5] + (None, 1), None, False, None),
@@ -213,10 +215,10 @@ def outliers(args, time_kernel, time_fp16, rotate, device, shapes):
                                               ("br1", tab[:5] + (1,), None, False, None),
                                               ("il", tab[:5] + (None, 0, 0, 0, 1), None, False, None),
                                               ("il_br1", tab[:5] + (1, 0, 0, 0, 1), None, False, None),
-                                              ("of1", tab[:5] + (None, 0, 0, 0, 0, 1), None, False, None),
-                                              ("of2", tab[:5] + (None, 0, 0, 0, 0, 2), None, False, None),
-                                              ("of_all", tab[:5] + (None, 0, 0, 0, 0, 99), None, False, None),
-                                              ("of2_br4", tab[:5] + (4, 0, 0, 0, 0, 2), None, False, None),
+                                              ("of1", tab[:5] + (None, 0, 0, 0, 0, 1), None, False, "fused"),
+                                              ("of2", tab[:5] + (None, 0, 0, 0, 0, 2), None, False, "fused"),
+                                              ("of_all", tab[:5] + (None, 0, 0, 0, 0, 99), None, False, "fused"),
+                                              ("of2_br4", tab[:5] + (4, 0, 0, 0, 0, 2), None, False, "fused"),
                                               ("epilogue_alone", tab, None, True, None)):
                 if want is not None and name not in want:
                     continue

@@ -94,6 +94,24 @@ def test_outliers_before_the_k_loop_with_groups(gather_x):
 
 
 @needs_triton
+@pytest.mark.parametrize("group_size,sym", ((-1, False), (-1, True), (256, False)))
+@pytest.mark.parametrize("config", ((16, 32, 1, 2, 2, 2, 0, 0, 0, 0, 2), (16, 32, 1, 2, 2, 1, 0, 0, 0, 1)))
+def test_zero_scales_under_division(group_size, sym, config):
+    """OF / IL divide the outlier sums by the row's scale: a checkpoint's zero scales (all-zero rows or groups
+    that still hold outliers; other writers than quantease may store them) are re-encoded exactly at load."""
+    n, k, m = 40, 700, 5
+    w = list(make_weight(n, k, 3, group_size, 0.05, sym, 5))
+    w[1] = w[1].clone()
+    w[1][::3] = 0  # every third row (all its groups), then one group of another row
+    w[1][1, -1] = 0
+    p = gemv_half2.add_layout(prepare_weights(*w, 3, group_size, k))
+    assert bool((p["scales"] != 0).all())
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(6)).half().to(DEVICE)
+    y = gemm_half2.qgemm_half2(x, p, None, torch.full((m, n), float("nan")).half().to(DEVICE), config)
+    check(y, reference64(x, w, 3, group_size, k, None), torch.float16)
+
+
+@needs_triton
 @pytest.mark.parametrize("config", (None, (16, 32, 1, 2)))
 def test_outliers_only(config):  # the benchmarks' epilogue-alone mode: y = x @ H^T + bias, the K loop skipped
     w, p, x, b, out = make(40, 700, -1, 0.05, False, 5, torch.float16, True, seed=7)

@@ -342,7 +342,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
     pdl.wait(PDL)  # above: only this layer's tensors; x, x^T and out below
     if OF:  # the split's outlier steps before the K loop, while DRAM streams the prefetched words into L2 (after
         # the loop every program of the one wave waits on its gather chain with DRAM idle); per channel divided by
-        # the row's scale, which multiplies acc after the loop (nonzero scales only, as IL)
+        # the row's scale, which multiplies acc after the loop (nonzero: prepare.nonzero_scales)
         acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
                                      stride_xt, stride_xtm, stride_oi, stride_ov, BR)
         if not GROUPED:
@@ -426,10 +426,10 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
                K loop, at the price of spills; 0 / None: ptxas' choice
       IL       True: the split's outlier slots BR at a time inside the K loop, one step per block (the rest, if
                the split has more steps than blocks, in the epilogue); 0 / None: all in the epilogue (OS 0 only).
-               Per channel it divides by the scales: nonzero ones only (quantease's grids clamp them at 2^-24)
+               Per channel it divides by the scales: nonzero ones (prepare.nonzero_scales re-encodes zeros at load)
       OF       n > 0: the first n of the split's blocks' words L2-prefetched at the start, and its outlier slots
-               (if any) added BEFORE the K loop, so that DRAM streams the words during the gather steps; nonzero
-               scales only, as IL.
+               (if any) added BEFORE the K loop, so that DRAM streams the words during the gather steps; divides
+               by the scales as IL.
                0 / None: after the loop (OS 0 only; takes precedence over PRE and IL)
     outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only.
     outlier_path: "fused" (the epilogue), "ell" (outliers.ell_add after the GEMM), "split" (outliers.ell_split_add

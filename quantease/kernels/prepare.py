@@ -90,6 +90,21 @@ def keep_planes(planes=None):
     return name == "keep"
 
 
+def nonzero_scales(codes, scales, zeros, bits, group_size):
+    """(codes [N, K], scales) with every zero scale re-encoded exactly: such a group's weights are all 0 (plus
+    outliers), which its codes at the zero point under scale 1 say too.  So kernels may divide by the scales
+    (gemm_half2's OF / IL add the outliers into the accumulator before the per-row scale).  quantease never writes
+    a zero scale (its grids clamp them at 2^-24); other writers may.  Returns the inputs when there is none."""
+    zero = scales == 0
+    if not bool(zero.any()):
+        return codes, scales
+    k = codes.shape[1]
+    cols = torch.arange(k, device=codes.device) // (k if group_size == -1 else group_size)
+    point = zeros[:, cols] if zeros is not None else torch.full_like(codes, 2 ** (bits - 1))
+    codes = torch.where(zero[:, cols], point.to(codes.dtype), codes)
+    return codes, torch.where(zero, torch.ones_like(scales), scales)
+
+
 def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features, planes=None):
     """Checkpoint tensors -> dict the kernels read (qlinear_prepared).  Call once at load time.
 
@@ -106,7 +121,8 @@ def prepare_weights(qweight, scales, zeros, outlier_idx, outlier_val, bits, grou
     n = qweight.shape[0]
     kb = (in_features + BLOCK - 1) // BLOCK * BLOCK
     codes = torch.zeros(n, kb, dtype=torch.uint8, device=qweight.device)
-    codes[:, :in_features] = layout.unpack_codes(qweight, bits, in_features)
+    codes[:, :in_features], scales = nonzero_scales(layout.unpack_codes(qweight, bits, in_features), scales, zeros,
+                                                    bits, group_size)
     if outlier_idx is not None and outlier_idx.shape[1] == 0:
         outlier_idx = outlier_val = None
     p = dict(
@@ -267,7 +283,7 @@ def prepare_half2(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_
     """Checkpoint tensors -> dict for kernels/gemv_half2.py (keys: words, q, scales, zeros, outlier_idx,
     outlier_val, bits, group_size, in_features, out_features).  Call once at load time."""
     _check(qweight, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
-    codes = layout.unpack_codes(qweight, bits, in_features)
+    codes, scales = nonzero_scales(layout.unpack_codes(qweight, bits, in_features), scales, zeros, bits, group_size)
     return _half2_dict(codes, scales, zeros, outlier_idx, outlier_val, bits, group_size, in_features)
 
 
