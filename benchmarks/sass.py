@@ -91,8 +91,9 @@ def planes():
 
 def half2():
     """gemm_half2 (1-warp mma.sync and 4-warp wgmma tiles, PIPE 2) without / with 0.5%-style outliers and groups, and
-    IL at BR 1 and the table's BR, OF (4 blocks prefetched; with outliers: their steps before the loop); the GEMV's M = 1 configs at Q = 8 ((8, 8, 1): 8192^2, (32, 2, 1): long N) without
-    outliers, with the early slots, after the loop, and 8 slots a step inside it (ILR)."""
+    IL at BR 1 and the table's BR, OF 4 (4 blocks prefetched; with outliers, their steps before the loop); the
+    GEMV's M = 1 configs at Q = 8 ((8, 8, 1): 8192^2, (32, 2, 1): long N) without outliers, with the early slots,
+    after the loop, and 8 slots a step inside it (ILR)."""
     ptrs = dict(w_ptr="*i16", z_ptr="*i16")
     for bm, bn, warps in ((16, 64, 1), (16, 128, 4), (32, 128, 4)):
         br = gemm_swap.epilogue_br(warps, bm, bn)
@@ -103,9 +104,8 @@ def half2():
             c = dict(BF16=False, ZERO=4, HAS_ZEROS=True, GROUPED=grouped, HAS_BIAS=False, OUTLIERS=outl, ASM=True,
                      SPLIT=True, ATOMIC=True, BM=bm, BN=bn, BR=r, PIPE=2, OS=0, PRE=0, IL=il, OF=bool(of and outl),
                      PDL=0, PF=of)
-            build(gemm_half2.qgemm_half2_kernel, c, warps, 1,
-                  f"half2_{bm}_{bn}_{warps}_o{int(outl)}_g{int(grouped)}_il{int(il)}_br{r}" + (f"_of{of}" if of else ""),
-                  ptrs)
+            tag = f"half2_{bm}_{bn}_{warps}_o{int(outl)}_g{int(grouped)}_il{int(il)}_br{r}"
+            build(gemm_half2.qgemm_half2_kernel, c, warps, 1, tag + (f"_of{of}" if of else ""), ptrs)
     ptrs = dict(w_ptr="*i32", z_ptr="*i16")
     for bn, bkb in ((8, 8), (32, 2)):
         for outl, early, ilr in ((False, False, 0), (True, True, 0), (True, False, 0), (True, False, 8)):

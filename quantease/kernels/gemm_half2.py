@@ -412,8 +412,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False, outlier_path=None,
                 use_pdl=None):
     """x [M, K] fp16/bf16 (stride(1) == 1), prepared dict p with the Q = 8 half2 words, bias [N] | None,
-    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG[, IL[, OF]]]]]]])
-    overrides
+    out [M, N] -> out.  config = (BM, BN, num_warps, SPLIT_K[, PIPE[, BR[, OS[, PRE[, NREG[, IL[, OF]]]]]]]) overrides
     the table:
       SPLIT_K  0: auto (gemm_swap.pick_split)
       PIPE     the K loop software-pipelined that deep; None / 1: plain loads
@@ -429,8 +428,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
                Per channel it divides by the scales: nonzero ones (prepare.nonzero_scales re-encodes zeros at load)
       OF       n > 0: the first n of the split's blocks' words L2-prefetched at the start, and its outlier slots
                (if any) added BEFORE the K loop, so that DRAM streams the words during the gather steps; divides
-               by the scales as IL.
-               0 / None: after the loop (OS 0 only; takes precedence over PRE and IL)
+               by the scales as IL; OS 0 only, and it takes precedence over PRE and IL.  0 / None: off
     outliers_only (benchmarks: the epilogue's cost alone): skip the K loop, out = x @ H^T (+ bias) only.
     outlier_path: "fused" (the epilogue), "ell" (outliers.ell_add after the GEMM), "split" (outliers.ell_split_add
     after it: many short programs, the GEMM keeps its registers); None: pick_outlier_path (fused up to
