@@ -5,7 +5,8 @@
 # Env: P1=1 also unpacks the vLLM payload's first part in the background (carry [".dev/p1", ".dev/kit"]), so that
 #      the vLLM call (benchmarks/device_e2e.sh after `install.sh .dev/p2`) can follow on the same warm machine.
 # Steps (session 14's prepared runs, kernel_notes "Session 14"): gemm_half2's OF variants against the table's
-# outlier epilogue at M = 4 / 16 / 32 on five shapes (kernels_half2.py --outliers), and ws_probe.py.
+# outlier epilogue at M = 4 / 16 / 32 on five shapes (kernels_half2.py --outliers), and ws_probe.py (the TMA
+# stream and the first warp-specialized GEMV).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -15,14 +16,14 @@ if [ "${P1:-0}" = 1 ]; then (bash .dev/kit/install.sh .dev/p1 > $OUT/p1.log 2>&1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } \
   2>&1 | tee $OUT/machine.txt
 ts "GPU check"
-timeout 150 python3 -m pytest -q -x tests/test_kernels_gemm_half2.py \
+timeout 120 python3 -m pytest -q -x tests/test_kernels_gemm_half2.py \
   -k "before_the_k_loop or tiles_and_splits or zero_scales" 2>&1 | tail -3 | tee $OUT/check.log
 ts "OF variants"
-timeout 260 python3 benchmarks/kernels_half2.py --outliers --variants pf_all,table,fused,of1,of2,of_all,of2_br4 \
-  --outlier-ms 4,16,32 --shapes 8192x8192,28672x8192,4096x11008,4096x4096,8192x28672 --deadline 150 \
+timeout 240 python3 benchmarks/kernels_half2.py --outliers --variants pf_all,table,fused,of1,of2,of_all,of2_br4 \
+  --outlier-ms 4,16,32 --shapes 8192x8192,28672x8192,4096x11008,4096x4096,8192x28672 --deadline 140 \
   --out $OUT/of 2>&1 | grep -v Warning | tee $OUT/of.log
 ts "ws_probe"
-timeout 150 python3 benchmarks/ws_probe.py --out $OUT/ws 2>&1 | grep -v Warning | tee $OUT/ws.log
+timeout 200 python3 benchmarks/ws_probe.py --out $OUT/ws 2>&1 | grep -v Warning | tee $OUT/ws.log
 wait
 [ "${P1:-0}" = 1 ] && tail -1 $OUT/p1.log
 ts "done"

@@ -7,14 +7,18 @@ specialization fails to compile gemm_half2's loop (kernel_notes session 14), so 
 kernel.  Before writing it, this measures what its memory side can reach: a Gluon kernel whose producer warp feeds a
 ring of STAGES shared-memory slots by TMA (one copy per role: the words viewed [N, blocks, 24], boxes [BN, BKB, 8])
 and whose consumer warps only load each slot into registers and fold it (xor) -- every word read once, no math.
-If it streams 8192^2 in well under the GEMV's 14.1 us, the full kernel (the consumer unpacking with gemv_half2's
-LOP3 + HFMA2 and the x pairs) is worth writing; if not, the GEMV's gap is not where session 4 put it.
+Then the same ring with the GEMV's math in the consumer warps (gemv_kernel: gemm_half2's LOP3 + HSUB2 decode on
+whole int32 words, HFMA2 against the x pairs, an fp32 flush per block; per channel, asymmetric, no outliers yet):
+the first warp-specialized GEMV, checked against the default GEMV's output.  If the stream is well under the
+GEMV's 14.1 us at 8192^2 and gemv_kernel is close to the stream, this is the road for M = 1; if the stream itself is
+no faster, the GEMV's gap is not where session 4 put it.
 
     export PYTHONPATH=$PWD; python3 benchmarks/ws_probe.py [--out $OUT]          # H100 / H200, triton >= 3.6
 
-First checks every config's xor against numpy's (the word stream is complete), then times, per shape: fp16
-F.linear, the default M = 1 GEMV (qgemv_half2) and each config, as CUDA-graph medians over rotated copies (L2 cold;
-kernels.py's helpers).  Gluon kernels do not run under TRITON_INTERPRET, so there is no CPU mode.
+Per shape: fp16 F.linear, the default M = 1 GEMV (qgemv_half2), each stream config (its xor checked against
+numpy's first: the word stream is complete) and each gemv_kernel config (checked against the GEMV's y first), as
+CUDA-graph medians over rotated copies (L2 cold; kernels.py's helpers).  Gluon kernels do not run under
+TRITON_INTERPRET, so there is no CPU mode; `sm_90 AOT` below means compiled here with triton 3.6, not run.
 """
 import argparse
 import csv
@@ -37,6 +41,9 @@ SHAPES = ((8192, 8192), (28672, 8192), (4096, 4096), (8192, 28672))
 # K splits are chosen so that one wave of programs fills the SMs' shared memory.  sm_90 AOT here (triton 3.6, maxnreg
 # 128): all five compile, 3 UTMALDG per slot, 96-144 KB of shared memory
 CONFIGS = ((64, 4, 4, 4), (128, 4, 3, 4), (64, 8, 3, 4), (32, 8, 4, 4), (128, 2, 6, 8))
+# gemv_kernel (the same ring, the GEMV's math in the consumer warps): sm_90 AOT 128 registers, no stack, 37 LDG
+# (x vectorized) per slot of the ring at (32, 4)
+GEMV_CONFIGS = ((32, 4, 4, 4), (64, 4, 4, 4), (64, 2, 6, 4))
 SMEM = 220 * 1024  # usable shared memory per SM (H100 / H200: 227 KB), less the barriers' and the runtime's share
 
 
@@ -93,6 +100,118 @@ def stream_kernel(w_desc, out_ptr, N, blocks_per_split, nblocks, STAGES: gl.cons
     gl.atomic_xor(out_ptr + offs, row, mask=offs < N)
 
 
+# The GEMV's consumer (fp16 x, per-channel asymmetric codes): gemm_half2._slot / _spare's PTX on whole int32 words
+# (both 16-bit lanes: the pair of columns 16 s + 2 q, + 1 of slot s), HFMA2 into a half2 accumulator that is flushed
+# into fp32 after each block's 16 slots (gemv_half2's 16-product chain)
+_SPARE = gl.constexpr(
+    "{ .reg .b32 a, b, c, t; shr.b32 a, $2, 15; shr.b32 b, $3, 14; shr.b32 c, $4, 13; "
+    f"lop3.b32 t, a, 0x00010001, {(25 << 10) * 0x10001}, 0xEA; lop3.b32 t, b, 0x00020002, t, 0xEA; "
+    "lop3.b32 t, c, 0x00040004, t, 0xEA; sub.f16x2 $0, t, $1; }")
+_FMA2 = gl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")
+_FLUSH = gl.constexpr(
+    "{ .reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h; add.f32 $0, a, b; }")
+
+
+@gluon.jit
+def _code(w, sub, j: gl.constexpr):
+    """Slot j (0..4) of a role tile of int32 words -> (code - z) as f16x2 bits (int32)."""
+    p: gl.constexpr = 3 * j if 3 * j + 3 <= 10 else 0
+    sh: gl.constexpr = 3 * j - p
+    mask: gl.constexpr = (7 << p) * 0x10001
+    magic: gl.constexpr = ((25 - p) << 10) * 0x10001
+    return gl.inline_asm_elementwise(
+        f"{{ .reg .b32 t; shr.b32 t, $2, {sh}; lop3.b32 t, t, {mask}, {magic}, 0xEA; sub.f16x2 $0, t, $1; }}",
+        "=r,r,r", [sub, w], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _sub(s0, s3, s6, j: gl.constexpr):
+    """The 2**e + z constant of slot j's bit position (_code's p)."""
+    if j == 1:
+        return s3
+    elif j == 2:
+        return s6
+    else:
+        return s0
+
+
+@gluon.jit
+def _fma2(d, x, acc):
+    return gl.inline_asm_elementwise(_FMA2, "=r,r,r,r", [d, x, acc], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _gemv_partition(r0, r1, r2, ready, empty, nk, x_ptr, z_ptr, n0, b0, N, BN: gl.constexpr, BKB: gl.constexpr,
+                    layout: gl.constexpr):
+    """The default partition of gemv_kernel: for each slot of the ring, its 16 code slots per block against the
+    x pairs (int32 view of x: pair 128 b + 8 s + q), half2 products, one fp32 flush per block."""
+    stages: gl.constexpr = r0.type.shape[0]
+    rows: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, layout))
+    offs_n = n0 + gl.arange(0, BN, layout=rows)
+    z = gl.load(z_ptr + offs_n, mask=offs_n < N, other=0).to(gl.int32)
+    z3 = gl.expand_dims(gl.expand_dims(z, 1), 2)
+    s0 = ((25 << 10) | z3) * 0x10001  # 2**e + z at bit p = 0 / 3 / 6 (gemm_half2._subs), both lanes
+    s3 = ((22 << 10) | (z3 << 3)) * 0x10001
+    s6 = ((19 << 10) | (z3 << 6)) * 0x10001
+    xl: gl.constexpr = gl.SliceLayout(0, layout)
+    blk = gl.expand_dims(gl.arange(0, BKB, layout=gl.SliceLayout(1, xl)), 1)
+    q = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, xl)), 0)
+    acc = gl.zeros([BN, BKB, 8], gl.float32, layout)
+    for i in range(nk):
+        st = i % stages
+        mbarrier.wait(ready.index(st), (i // stages) & 1)
+        w0 = r0.index(st).load(layout)
+        w1 = r1.index(st).load(layout)
+        w2 = r2.index(st).load(layout)
+        fence_async_shared()
+        mbarrier.arrive(empty.index(st), count=1)
+        xrow = x_ptr + (b0 + i * BKB + blk) * 128 + q
+        h = gl.zeros([BN, BKB, 8], gl.int32, layout)
+        for s in gl.static_range(16):
+            xs = gl.expand_dims(gl.load(xrow + 8 * s), 0)
+            if s < 5:
+                d = _code(w0, _sub(s0, s3, s6, s % 5), s % 5)
+            elif s < 10:
+                d = _code(w1, _sub(s0, s3, s6, s % 5), s % 5)
+            elif s < 15:
+                d = _code(w2, _sub(s0, s3, s6, s % 5), s % 5)
+            else:
+                d = gl.inline_asm_elementwise(_SPARE, "=r,r,r,r,r", [s0, w0, w1, w2], dtype=gl.int32,
+                                              is_pure=True, pack=1)
+            h = _fma2(d, xs, h)
+        acc += gl.inline_asm_elementwise(_FLUSH, "=r,r", [h], dtype=gl.float32, is_pure=True, pack=1)
+    return (acc, )
+
+
+@gluon.jit
+def gemv_kernel(w_desc, x_ptr, s_ptr, z_ptr, y_ptr, N, blocks_per_split, nblocks, STAGES: gl.constexpr,
+                num_warps: gl.constexpr):
+    """y [N] fp32 += s * (codes - z) @ x for M = 1 (x [K] fp16, K a multiple of 256; y zeroed by the caller): the
+    words through the TMA ring of stream_kernel, the math of gemv_half2 in the consumer warps."""
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    BKB: gl.constexpr = w_desc.block_type.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [32 // BKB, BKB, 1], [num_warps, 1, 1], [2, 1, 0])
+    shape: gl.constexpr = [STAGES] + w_desc.block_type.shape
+    r0 = gl.allocate_shared_memory(gl.int32, shape, w_desc.layout)
+    r1 = gl.allocate_shared_memory(gl.int32, shape, w_desc.layout)
+    r2 = gl.allocate_shared_memory(gl.int32, shape, w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    n0 = gl.program_id(0) * BN
+    b0 = gl.program_id(1) * blocks_per_split
+    nk = gl.cdiv(gl.minimum(blocks_per_split, nblocks - b0), BKB)
+    acc, = gl.warp_specialize([(_gemv_partition, (r0, r1, r2, ready, empty, nk, x_ptr, z_ptr, n0, b0, N, BN, BKB,
+                                                  layout)),
+                               (_load_partition, (w_desc, r0, r1, r2, ready, empty, n0, b0, nk, BKB))], [1], [24])
+    row = gl.sum(gl.sum(acc, axis=2), axis=1)
+    offs = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    scale = gl.load(s_ptr + offs, mask=offs < N, other=0.0).to(gl.float32)
+    gl.atomic_add(y_ptr + offs, row * scale, mask=offs < N)
+
+
 def descriptor(words, config):
     """The TMA descriptor of the words [N, blocks * 24] int32 viewed [N, blocks, 24], boxes [BN, BKB, 8]."""
     bn, bkb = config[:2]
@@ -108,13 +227,32 @@ def stream(words, config, out, desc=None):
     kernel per call would be timed with it)."""
     bn, bkb, stages, warps = config
     n, nblocks = words.shape[0], words.shape[1] // 24
-    sms = torch.cuda.get_device_properties(words.device).multi_processor_count
-    per_sm = max(1, SMEM // (3 * stages * bn * bkb * 32))  # programs whose rings fit an SM's shared memory at once
-    split = max(1, min(nblocks // bkb, per_sm * sms // triton.cdiv(n, bn)))
-    per = triton.cdiv(triton.cdiv(nblocks, split), bkb) * bkb
+    per = split_for(n, nblocks, config, words.device)
     stream_kernel[(triton.cdiv(n, bn), triton.cdiv(nblocks, per))](
         desc or descriptor(words, config), out, n, per, nblocks, STAGES=stages, num_warps=warps, maxnreg=128)
     return out
+
+
+def split_for(n, nblocks, config, device):
+    """Blocks per K split (a multiple of BKB) so that one wave of programs fills the SMs' shared memory."""
+    bn, bkb, stages = config[:3]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per_sm = max(1, SMEM // (3 * stages * bn * bkb * 32))  # programs whose rings fit an SM's shared memory at once
+    split = max(1, min(nblocks // bkb, per_sm * sms // triton.cdiv(n, bn)))
+    return triton.cdiv(triton.cdiv(nblocks, split), bkb) * bkb
+
+
+def ws_gemv(x, p, config, y, desc=None):
+    """y [N] fp32 += the layer's (per channel, asymmetric, no outliers) product with x [1, K] fp16 (K a multiple
+    of 256) by gemv_kernel; y is not zeroed here (see stream)."""
+    bn, bkb, stages, warps = config
+    words = p["words"].view(torch.int32).view(p["out_features"], -1)
+    n, nblocks = words.shape[0], words.shape[1] // 24
+    per = split_for(n, nblocks, config, words.device)
+    gemv_kernel[(triton.cdiv(n, bn), triton.cdiv(nblocks, per))](
+        desc or descriptor(words, config), x.view(torch.int32), p["scales"], p["zeros"], y, n, per, nblocks,
+        STAGES=stages, num_warps=warps, maxnreg=128)
+    return y
 
 
 def main():
@@ -144,8 +282,20 @@ def main():
             descs = [descriptor(w, cfg) for w in copies]
             us = kb.graph_time([lambda w=w, d=d: stream(w, cfg, out, d) for w, d in zip(copies, descs)])
             del copies, descs
-            print(f"  {cfg}: {'ok' if ok else 'WRONG xor'} {us:.1f} us ({mb / us:.2f} TB/s)", flush=True)
+            print(f"  stream {cfg}: {'ok' if ok else 'WRONG xor'} {us:.1f} us ({mb / us:.2f} TB/s)", flush=True)
             rows.append([n, k, "stream", str(cfg), f"{us:.2f}", f"{mb / us:.3f}", f"{base:.2f}", ok])
+        x = torch.randn(1, k, device="cuda").half()
+        y0 = gemv_half2.qgemv_half2(x, gemv_half2.cached_layout(p), None, torch.empty(1, n, device="cuda").half())
+        y = torch.empty(n, device="cuda")
+        for cfg in GEMV_CONFIGS:
+            if n % cfg[0] or (k // 256) % cfg[1]:
+                continue
+            err = ((ws_gemv(x, p, cfg, y.zero_()).double() - y0.double()[0]).norm() / y0.double().norm()).item()
+            us = kb.time_kernel(p, 1, lambda xx, q, o, c=cfg: ws_gemv(xx, q, c, y))
+            ok = err < 3e-3  # fp16 outputs (the GEMV) against fp32 ones: ~3e-4; a wrong word or x mapping: ~1
+            print(f"  ws_gemv {cfg}: {'ok' if ok else 'WRONG'} (relative {err:.1e} to the GEMV) {us:.1f} us "
+                  f"({mb / us:.2f} TB/s, {base / us:.2f}x fp16)", flush=True)
+            rows.append([n, k, "ws_gemv", str(cfg), f"{us:.2f}", f"{mb / us:.3f}", f"{base:.2f}", ok])
         del p, words
     if args.out:
         os.makedirs(args.out, exist_ok=True)
