@@ -77,10 +77,11 @@ def _fold_partition(r0, r1, r2, ready, empty, nk, BN: gl.constexpr, BKB: gl.cons
 
 
 @gluon.jit
-def stream_kernel(w_desc, out_ptr, N, blocks_per_split, nblocks, STAGES: gl.constexpr, num_warps: gl.constexpr):
+def _ring(w_desc, blocks_per_split, nblocks, STAGES: gl.constexpr):
+    """The program's ring (three role buffers of STAGES slots, ready / empty barriers initialized), its first row
+    n0, first block b0 and number of slots to stream nk."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKB: gl.constexpr = w_desc.block_type.shape[1]
-    layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [32 // BKB, BKB, 1], [num_warps, 1, 1], [2, 1, 0])
     shape: gl.constexpr = [STAGES] + w_desc.block_type.shape
     r0 = gl.allocate_shared_memory(gl.int32, shape, w_desc.layout)
     r1 = gl.allocate_shared_memory(gl.int32, shape, w_desc.layout)
@@ -93,6 +94,15 @@ def stream_kernel(w_desc, out_ptr, N, blocks_per_split, nblocks, STAGES: gl.cons
     n0 = gl.program_id(0) * BN
     b0 = gl.program_id(1) * blocks_per_split
     nk = gl.cdiv(gl.minimum(blocks_per_split, nblocks - b0), BKB)
+    return r0, r1, r2, ready, empty, n0, b0, nk
+
+
+@gluon.jit
+def stream_kernel(w_desc, out_ptr, N, blocks_per_split, nblocks, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    BKB: gl.constexpr = w_desc.block_type.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [32 // BKB, BKB, 1], [num_warps, 1, 1], [2, 1, 0])
+    r0, r1, r2, ready, empty, n0, b0, nk = _ring(w_desc, blocks_per_split, nblocks, STAGES)
     acc, = gl.warp_specialize([(_fold_partition, (r0, r1, r2, ready, empty, nk, BN, BKB, layout)),
                                (_load_partition, (w_desc, r0, r1, r2, ready, empty, n0, b0, nk, BKB))], [1], [24])
     row = gl.xor_sum(gl.xor_sum(acc, axis=2), axis=1)
@@ -191,18 +201,7 @@ def gemv_kernel(w_desc, x_ptr, s_ptr, z_ptr, y_ptr, N, blocks_per_split, nblocks
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKB: gl.constexpr = w_desc.block_type.shape[1]
     layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [32 // BKB, BKB, 1], [num_warps, 1, 1], [2, 1, 0])
-    shape: gl.constexpr = [STAGES] + w_desc.block_type.shape
-    r0 = gl.allocate_shared_memory(gl.int32, shape, w_desc.layout)
-    r1 = gl.allocate_shared_memory(gl.int32, shape, w_desc.layout)
-    r2 = gl.allocate_shared_memory(gl.int32, shape, w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    n0 = gl.program_id(0) * BN
-    b0 = gl.program_id(1) * blocks_per_split
-    nk = gl.cdiv(gl.minimum(blocks_per_split, nblocks - b0), BKB)
+    r0, r1, r2, ready, empty, n0, b0, nk = _ring(w_desc, blocks_per_split, nblocks, STAGES)
     acc, = gl.warp_specialize([(_gemv_partition, (r0, r1, r2, ready, empty, nk, x_ptr, z_ptr, n0, b0, N, BN, BKB,
                                                   layout)),
                                (_load_partition, (w_desc, r0, r1, r2, ready, empty, n0, b0, nk, BKB))], [1], [24])
