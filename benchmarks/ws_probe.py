@@ -42,8 +42,8 @@ SHAPES = ((8192, 8192), (28672, 8192), (4096, 4096), (8192, 28672))
 # 128): all five compile, 3 UTMALDG per slot, 96-144 KB of shared memory
 CONFIGS = ((64, 4, 4, 4), (128, 4, 3, 4), (64, 8, 3, 4), (32, 8, 4, 4), (128, 2, 6, 8))
 # gemv_kernel (the same ring, the GEMV's math in the consumer warps).  A thread holds BN / ((32 / BKB) x warps) rows
-# of its (block, q) column run and loads their x pairs once: 1 / 2 / 1 / 4 / 4 rows below, so L1 reads of x per
-# slot fall from 32x to 8x its 2-4 KB.  sm_90 AOT: all at 128 registers, no stack; 37-43 LDG per ring slot
+# of its (block, q) column run -- 1 / 2 / 1 / 4 / 4 below -- and loads their x pairs once, so the x bytes read from
+# L1 per byte of words are 5.3 / 2.7 / 5.3 / 1.3 / 1.3.  sm_90 AOT: all at 128 registers, no stack; 37-43 LDG per slot
 GEMV_CONFIGS = ((32, 4, 4, 4), (64, 4, 4, 4), (64, 2, 6, 4), (128, 4, 3, 4), (64, 8, 2, 4))
 SMEM = 220 * 1024  # usable shared memory per SM (H100 / H200: 227 KB), less the barriers' and the runtime's share
 
