@@ -19,11 +19,11 @@ ts "GPU check"
 timeout 120 python3 -m pytest -q -x tests/test_kernels_gemm_half2.py \
   -k "before_the_k_loop or tiles_and_splits or zero_scales" 2>&1 | tail -3 | tee $OUT/check.log
 ts "OF variants"
-timeout 240 python3 benchmarks/kernels_half2.py --outliers --variants pf_all,table,fused,of1,of2,of_all,of2_br4 \
-  --outlier-ms 4,16,32 --shapes 8192x8192,28672x8192,4096x11008,4096x4096,8192x28672 --deadline 140 \
+timeout 220 python3 benchmarks/kernels_half2.py --outliers --variants pf_all,table,fused,of1,of2,of_all,of2_br4 \
+  --outlier-ms 4,16,32 --shapes 8192x8192,28672x8192,4096x11008,4096x4096,8192x28672 --deadline 120 \
   --out $OUT/of 2>&1 | grep -v Warning | tee $OUT/of.log
 ts "ws_probe"
-timeout 200 python3 benchmarks/ws_probe.py --out $OUT/ws 2>&1 | grep -v Warning | tee $OUT/ws.log
+timeout 220 python3 benchmarks/ws_probe.py --out $OUT/ws 2>&1 | grep -v Warning | tee $OUT/ws.log
 wait
 [ "${P1:-0}" = 1 ] && tail -1 $OUT/p1.log
 ts "done"

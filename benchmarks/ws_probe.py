@@ -8,17 +8,19 @@ kernel.  Before writing it, this measures what its memory side can reach: a Gluo
 ring of STAGES shared-memory slots by TMA (one copy per role: the words viewed [N, blocks, 24], boxes [BN, BKB, 8])
 and whose consumer warps only load each slot into registers and fold it (xor) -- every word read once, no math.
 Then the same ring with the GEMV's math in the consumer warps (gemv_kernel: gemm_half2's LOP3 + HSUB2 decode on
-whole int32 words, HFMA2 against the x pairs, an fp32 flush per block; per channel, asymmetric, no outliers yet):
-the first warp-specialized GEMV, checked against the default GEMV's output.  If the stream is well under the
-GEMV's 14.1 us at 8192^2 and gemv_kernel is close to the stream, this is the road for M = 1; if the stream itself is
-no faster, the GEMV's gap is not where session 4 put it.
+whole int32 words, HFMA2 against the x pairs, an fp32 flush per block; per channel, asymmetric; the ELL outliers
+gathered by two more warps while the others stream and unpack, their sums added by atomics): the first
+warp-specialized GEMV, checked against the default GEMV's output.  If the stream is well under the GEMV's 14.1 us at
+8192^2 and gemv_kernel is close to the stream, this is the road for M = 1; if the stream itself is no faster, the
+GEMV's gap is not where session 4 put it.
 
     export PYTHONPATH=$PWD; python3 benchmarks/ws_probe.py [--out $OUT]          # H100 / H200, triton >= 3.6
 
-Per shape: fp16 F.linear, the default M = 1 GEMV (qgemv_half2), each stream config (its xor checked first against
-xor_rows': the word stream is complete) and each gemv_kernel config (its y checked first against the GEMV's), as
-CUDA-graph medians over rotated copies (L2 cold; kernels.py's helpers).  Gluon kernels do not run under
-TRITON_INTERPRET, so there is no CPU mode; `sm_90 AOT` below means compiled here with triton 3.6, not run.
+Per shape: fp16 F.linear, each stream config (its xor checked first against xor_rows': the word stream is complete),
+then at 0% and 0.5% outliers the default M = 1 GEMV (qgemv_half2) and each gemv_kernel config (its y checked first
+against the GEMV's), as CUDA-graph medians over rotated copies (L2 cold; kernels.py's helpers).  Gluon kernels do
+not run under TRITON_INTERPRET, so there is no CPU mode; `sm_90 AOT` below means compiled here with triton 3.6, not
+run.
 """
 import argparse
 import csv
@@ -43,6 +45,7 @@ CONFIGS = ((64, 4, 4, 4), (128, 4, 3, 4), (64, 8, 3, 4), (32, 8, 4, 4), (128, 2,
 # gemv_kernel (the same ring, the GEMV's math in the consumer warps).  A thread holds BN / ((32 / BKB) x warps) rows
 # of its (block, q) column run -- 1 / 2 / 1 / 4 / 4 below -- and loads their x pairs once, so the x bytes read from
 # L1 per byte of words are 5.3 / 2.7 / 5.3 / 1.3 / 1.3.  sm_90 AOT: all at 128 registers, no stack; 37-43 LDG per slot
+# (with the outlier warps: +12-24 LDG, and (128, 4, 3, 4) spills 120 B)
 GEMV_CONFIGS = ((32, 4, 4, 4), (64, 4, 4, 4), (64, 2, 6, 4), (128, 4, 3, 4), (64, 8, 2, 4))
 SMEM = 220 * 1024  # usable shared memory per SM (H100 / H200: 227 KB), less the barriers' and the runtime's share
 
@@ -194,17 +197,45 @@ def _gemv_partition(r0, r1, r2, ready, empty, nk, x_ptr, z_ptr, n0, b0, N, BN: g
 
 
 @gluon.jit
-def gemv_kernel(w_desc, x_ptr, s_ptr, z_ptr, y_ptr, N, blocks_per_split, nblocks, STAGES: gl.constexpr,
-                num_warps: gl.constexpr):
-    """y [N] fp32 += s * (codes - z) @ x for M = 1 (x [K] fp16, K a multiple of 256; y zeroed by the caller): the
-    words through the TMA ring of stream_kernel, the math of gemv_half2 in the consumer warps."""
+def _outlier_partition(oi_ptr, ov_ptr, x_ptr, y_ptr, n0, N, R, stride_o, BN: gl.constexpr, RS: gl.constexpr):
+    """Worker warps beside the stream: this program's rows' outlier slots (the K split's share), RS at a time,
+    gathered from x (fp16) while the consumers unpack the words; the sums go to y by atomics, unscaled (H is not on
+    the grid) -- the outliers cost gathers in parallel with the loop instead of a chain after it."""
+    layout: gl.constexpr = gl.BlockedLayout([1, RS], [32, 1], [gl.num_warps(), 1], [1, 0])
+    offs_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
+    split = gl.program_id(1)
+    r_lo = split * R // gl.num_programs(1)
+    r_hi = (split + 1) * R // gl.num_programs(1)
+    rows = gl.expand_dims(offs_n, 1)
+    acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
+    for r in range(r_lo, r_hi, RS):
+        slots = gl.expand_dims(r + gl.arange(0, RS, layout=gl.SliceLayout(0, layout)), 0)
+        m = (rows < N) & (slots < r_hi)
+        idx = gl.load(oi_ptr + rows * stride_o + slots, mask=m, other=0).to(gl.int32)
+        val = gl.load(ov_ptr + rows * stride_o + slots, mask=m, other=0.0).to(gl.float32)
+        acc += gl.sum(val * gl.load(x_ptr + idx, mask=m, other=0.0).to(gl.float32), axis=1)
+    gl.atomic_add(y_ptr + offs_n, acc, mask=offs_n < N)
+
+
+@gluon.jit
+def gemv_kernel(w_desc, x_ptr, x16_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, y_ptr, N, R, stride_o, blocks_per_split,
+                nblocks, STAGES: gl.constexpr, OUTLIERS: gl.constexpr, num_warps: gl.constexpr):
+    """y [N] fp32 += s * (codes - z) @ x (+ H @ x) for M = 1 (x [K] fp16 -- x_ptr its int32 view, x16_ptr itself --
+    K a multiple of 256; y zeroed by the caller): the words through the TMA ring of stream_kernel, the math of
+    gemv_half2 in the consumer warps, the ELL outliers (idx / val [N, R], row stride stride_o) in 2 more warps."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKB: gl.constexpr = w_desc.block_type.shape[1]
     layout: gl.constexpr = gl.BlockedLayout([1, 1, 8], [32 // BKB, BKB, 1], [num_warps, 1, 1], [2, 1, 0])
     r0, r1, r2, ready, empty, n0, b0, nk = _ring(w_desc, blocks_per_split, nblocks, STAGES)
-    acc, = gl.warp_specialize([(_gemv_partition, (r0, r1, r2, ready, empty, nk, x_ptr, z_ptr, n0, b0, N, BN, BKB,
-                                                  layout)),
-                               (_load_partition, (w_desc, r0, r1, r2, ready, empty, n0, b0, nk, BKB))], [1], [24])
+    if OUTLIERS:  # (a partition's (function, args) pair is written out in each call: not a value triton keeps)
+        acc, = gl.warp_specialize(
+            [(_gemv_partition, (r0, r1, r2, ready, empty, nk, x_ptr, z_ptr, n0, b0, N, BN, BKB, layout)),
+             (_load_partition, (w_desc, r0, r1, r2, ready, empty, n0, b0, nk, BKB)),
+             (_outlier_partition, (oi_ptr, ov_ptr, x16_ptr, y_ptr, n0, N, R, stride_o, BN, 4))], [1, 2], [24, 64])
+    else:
+        acc, = gl.warp_specialize(
+            [(_gemv_partition, (r0, r1, r2, ready, empty, nk, x_ptr, z_ptr, n0, b0, N, BN, BKB, layout)),
+             (_load_partition, (w_desc, r0, r1, r2, ready, empty, n0, b0, nk, BKB))], [1], [24])
     row = gl.sum(gl.sum(acc, axis=2), axis=1)
     offs = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
     scale = gl.load(s_ptr + offs, mask=offs < N, other=0.0).to(gl.float32)
@@ -253,24 +284,48 @@ def split_for(n, nblocks, config, device):
 
 
 def ws_gemv(x, p, config, y, desc=None):
-    """y [N] fp32 += the layer's (per channel, asymmetric, no outliers) product with x [1, K] fp16 (K a multiple
-    of 256) by gemv_kernel; y is not zeroed here (see stream)."""
+    """y [N] fp32 += the layer's (per channel, asymmetric, outliers or none) product with x [1, K] fp16 (K a
+    multiple of 256) by gemv_kernel; y is not zeroed here (see stream)."""
     bn, bkb, stages, warps = config
     words = p["words"].view(torch.int32).view(p["out_features"], -1)
     n, nblocks = words.shape[0], words.shape[1] // 24
     per = split_for(n, nblocks, config, words.device)
+    oi, ov = p["outlier_idx"], p["outlier_val"]
     gemv_kernel[(triton.cdiv(n, bn), triton.cdiv(nblocks, per))](
-        desc or descriptor(words, config), x.view(torch.int32), p["scales"], p["zeros"], y, n, per, nblocks,
-        STAGES=stages, num_warps=warps, maxnreg=128)
+        desc or descriptor(words, config), x.view(torch.int32), x, p["scales"], p["zeros"],
+        oi if oi is not None else y, ov if ov is not None else y, y, n, 0 if oi is None else oi.shape[1],
+        0 if oi is None else oi.stride(0), per, nblocks, STAGES=stages, OUTLIERS=oi is not None, num_warps=warps,
+        maxnreg=128)
     return y
+
+
+def gemv_rows(p, fraction, base, mb, rows):
+    """The default GEMV and each gemv_kernel config on the prepared layer p (y checked against the GEMV's first),
+    timed; rows of the CSV appended."""
+    from quantease.kernels import gemv_half2
+
+    n, k = p["out_features"], p["in_features"]
+    gemv = kb.time_kernel(p, 1, lambda x, q, o: gemv_half2.qgemv_half2(x, gemv_half2.cached_layout(q), None, o))
+    print(f"  {fraction:.1%} outliers: GEMV {gemv:.1f} us ({mb / gemv:.2f} TB/s, {base / gemv:.2f}x fp16)", flush=True)
+    rows.append([n, k, fraction, "gemv_half2", "", f"{gemv:.2f}", f"{mb / gemv:.3f}", f"{base:.2f}", ""])
+    x = torch.randn(1, k, device="cuda").half()
+    y0 = gemv_half2.qgemv_half2(x, gemv_half2.cached_layout(p), None, torch.empty(1, n, device="cuda").half())
+    y = torch.empty(n, device="cuda")
+    for cfg in GEMV_CONFIGS:
+        if n % cfg[0] or (k // 256) % cfg[1]:
+            continue
+        err = ((ws_gemv(x, p, cfg, y.zero_()).double() - y0.double()[0]).norm() / y0.double().norm()).item()
+        us = kb.time_kernel(p, 1, lambda xx, q, o, c=cfg: ws_gemv(xx, q, c, y))
+        ok = err < 3e-3  # fp16 outputs (the GEMV) against fp32 ones: ~3e-4; a wrong word or x mapping: ~1
+        print(f"  ws_gemv {cfg}: {'ok' if ok else 'WRONG'} (relative {err:.1e} to the GEMV) {us:.1f} us "
+              f"({mb / us:.2f} TB/s, {base / us:.2f}x fp16)", flush=True)
+        rows.append([n, k, fraction, "ws_gemv", str(cfg), f"{us:.2f}", f"{mb / us:.3f}", f"{base:.2f}", ok])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="folder for ws_probe.csv")
     args = ap.parse_args()
-    from quantease.kernels import gemv_half2
-
     rows = []
     fp16 = {}
     for n, k in SHAPES:
@@ -279,11 +334,8 @@ def main():
         want = xor_rows(words)
         out = torch.empty(n, dtype=torch.int32, device="cuda")
         base = kb.time_fp16(n, k, 1, fp16)
-        gemv = kb.time_kernel(p, 1, lambda x, q, o: gemv_half2.qgemv_half2(x, gemv_half2.cached_layout(q), None, o))
         mb = words.numel() * 4 / 1e6
-        print(f"{n}x{k}: {mb:.1f} MB of words; fp16 {base:.1f} us, GEMV {gemv:.1f} us ({mb / gemv:.2f} TB/s)",
-              flush=True)
-        rows.append([n, k, "gemv_half2", "", f"{gemv:.2f}", f"{mb / gemv:.3f}", f"{base:.2f}"])
+        print(f"{n}x{k}: {mb:.1f} MB of words; fp16 {base:.1f} us", flush=True)
         for cfg in CONFIGS:
             if n % cfg[0] or (k // 256) % cfg[1]:
                 continue
@@ -293,25 +345,15 @@ def main():
             us = kb.graph_time([lambda w=w, d=d: stream(w, cfg, out, d) for w, d in zip(copies, descs)])
             del copies, descs
             print(f"  stream {cfg}: {'ok' if ok else 'WRONG xor'} {us:.1f} us ({mb / us:.2f} TB/s)", flush=True)
-            rows.append([n, k, "stream", str(cfg), f"{us:.2f}", f"{mb / us:.3f}", f"{base:.2f}", ok])
-        x = torch.randn(1, k, device="cuda").half()
-        y0 = gemv_half2.qgemv_half2(x, gemv_half2.cached_layout(p), None, torch.empty(1, n, device="cuda").half())
-        y = torch.empty(n, device="cuda")
-        for cfg in GEMV_CONFIGS:
-            if n % cfg[0] or (k // 256) % cfg[1]:
-                continue
-            err = ((ws_gemv(x, p, cfg, y.zero_()).double() - y0.double()[0]).norm() / y0.double().norm()).item()
-            us = kb.time_kernel(p, 1, lambda xx, q, o, c=cfg: ws_gemv(xx, q, c, y))
-            ok = err < 3e-3  # fp16 outputs (the GEMV) against fp32 ones: ~3e-4; a wrong word or x mapping: ~1
-            print(f"  ws_gemv {cfg}: {'ok' if ok else 'WRONG'} (relative {err:.1e} to the GEMV) {us:.1f} us "
-                  f"({mb / us:.2f} TB/s, {base / us:.2f}x fp16)", flush=True)
-            rows.append([n, k, "ws_gemv", str(cfg), f"{us:.2f}", f"{mb / us:.3f}", f"{base:.2f}", ok])
+            rows.append([n, k, 0.0, "stream", str(cfg), f"{us:.2f}", f"{mb / us:.3f}", f"{base:.2f}", ok])
+        gemv_rows(p, 0.0, base, mb, rows)
         del p, words
+        gemv_rows(kb.make_prepared(n, k, 3, -1, 0.005, asym=True), 0.005, base, mb, rows)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "ws_probe.csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["n", "k", "kernel", "config", "us", "words_tb_s", "fp16_us", "xor_ok"])
+            w.writerow(["n", "k", "fraction", "kernel", "config", "us", "words_tb_s", "fp16_us", "ok"])
             w.writerows(rows)
 
 
