@@ -299,6 +299,23 @@ def ws_gemv(x, p, config, y, desc=None):
     return y
 
 
+class Rows:
+    """OUT/ws_probe.csv, each row written and flushed as it comes (a kernel that hangs leaves the rows before it)."""
+
+    def __init__(self, out):
+        self.f = None
+        if out:
+            os.makedirs(out, exist_ok=True)
+            self.f = open(os.path.join(out, "ws_probe.csv"), "w", newline="")
+            self.w = csv.writer(self.f)
+            self.append(["n", "k", "fraction", "kernel", "config", "us", "words_tb_s", "fp16_us", "ok"])
+
+    def append(self, row):
+        if self.f:
+            self.w.writerow(row)
+            self.f.flush()
+
+
 def gemv_rows(p, fraction, base, mb, rows):
     """The default GEMV and each gemv_kernel config on the prepared layer p (y checked against the GEMV's first),
     timed; rows of the CSV appended."""
@@ -326,7 +343,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="folder for ws_probe.csv")
     args = ap.parse_args()
-    rows = []
+    rows = Rows(args.out)
     fp16 = {}
     for n, k in SHAPES:
         p = kb.make_prepared(n, k, 3, -1, 0.0, asym=True)
@@ -349,12 +366,6 @@ def main():
         gemv_rows(p, 0.0, base, mb, rows)
         del p, words
         gemv_rows(kb.make_prepared(n, k, 3, -1, 0.005, asym=True), 0.005, base, mb, rows)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "ws_probe.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["n", "k", "fraction", "kernel", "config", "us", "words_tb_s", "fp16_us", "ok"])
-            w.writerows(rows)
 
 
 if __name__ == "__main__":
