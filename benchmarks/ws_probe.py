@@ -15,12 +15,13 @@ warp-specialized GEMV, checked against the default GEMV's output.  If the stream
 GEMV's gap is not where session 4 put it.
 
     export PYTHONPATH=$PWD; python3 benchmarks/ws_probe.py [--out $OUT]          # H100 / H200, triton >= 3.6
+    PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/ws_probe.py --aot             # here: sm_90 compiles, no GPU
 
 Per shape: fp16 F.linear, each stream config (its xor checked first against xor_rows': the word stream is complete),
 then at 0% and 0.5% outliers the default M = 1 GEMV (qgemv_half2) and each gemv_kernel config (its y checked first
 against the GEMV's), as CUDA-graph medians over rotated copies (L2 cold; kernels.py's helpers).  Gluon kernels do
-not run under TRITON_INTERPRET, so there is no CPU mode; `sm_90 AOT` below means compiled here with triton 3.6, not
-run.
+not run under TRITON_INTERPRET, so there is no CPU mode; `sm_90 AOT` below means --aot (compiled here with triton
+3.6), not run.
 """
 import argparse
 import csv
@@ -45,7 +46,7 @@ CONFIGS = ((64, 4, 4, 4), (128, 4, 3, 4), (64, 8, 3, 4), (32, 8, 4, 4), (128, 2,
 # gemv_kernel (the same ring, the GEMV's math in the consumer warps).  A thread holds BN / ((32 / BKB) x warps) rows
 # of its (block, q) column run -- 1 / 2 / 1 / 4 / 4 below -- and loads their x pairs once, so the x bytes read from
 # L1 per byte of words are 5.3 / 2.7 / 5.3 / 1.3 / 1.3.  sm_90 AOT: all at 128 registers, no stack; 37-43 LDG per slot
-# (with the outlier warps: +12-24 LDG, and (128, 4, 3, 4) spills 120 B)
+# (with the outlier warps: +12-24 LDG, and the two 4-rows-a-thread configs spill 120 B)
 GEMV_CONFIGS = ((32, 4, 4, 4), (64, 4, 4, 4), (64, 2, 6, 4), (128, 4, 3, 4), (64, 8, 2, 4))
 SMEM = 220 * 1024  # usable shared memory per SM (H100 / H200: 227 KB), less the barriers' and the runtime's share
 
@@ -339,10 +340,48 @@ def gemv_rows(p, fraction, base, mb, rows):
         rows.append([n, k, fraction, "ws_gemv", str(cfg), f"{us:.2f}", f"{mb / us:.3f}", f"{base:.2f}", ok])
 
 
+def aot():
+    """--aot: every kernel and config compiled for sm_90 here, without a GPU (PYTHONPATH=/tmp/t36: the device's triton
+    3.6, as benchmarks/sass.py), with its registers, stack and shared memory -- what the notes quote."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    ptrs = dict(out_ptr="*i32", x_ptr="*i32", x16_ptr="*fp16", s_ptr="*fp16", z_ptr="*i16", oi_ptr="*i16",
+                ov_ptr="*fp16", y_ptr="*fp32")
+    runs = [(stream_kernel, cfg, {}) for cfg in CONFIGS]
+    runs += [(gemv_kernel, cfg, {"OUTLIERS": o}) for cfg in GEMV_CONFIGS for o in (False, True)]
+    for fn, cfg, extra in runs:
+        consts = dict(extra, STAGES=cfg[2], num_warps=cfg[3])
+        desc = descriptor(torch.zeros(cfg[0], cfg[1] * 24, dtype=torch.int32), cfg)  # a CPU tensor: metadata only
+        sig = {a: "constexpr" if a in consts else (mangle_type(desc) if a == "w_desc" else ptrs.get(a, "i32"))
+               for a in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a.endswith("_ptr")}
+        src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
+                             attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg[3], maxnreg=128))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        usage = " ".join(w for w in res.split() if w.startswith(("REG:", "STACK:")))
+        print(fn.__name__, cfg, extra or "", usage, f"shared {k.metadata.shared}", f"LDG {sass.count('LDG')}",
+              f"UTMALDG {sass.count('UTMALDG')}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="folder for ws_probe.csv")
+    ap.add_argument("--aot", action="store_true", help="compile every kernel for sm_90 here (no GPU), print its "
+                    "registers; PYTHONPATH=/tmp/t36 (triton 3.6)")
     args = ap.parse_args()
+    if args.aot:
+        return aot()
     rows = Rows(args.out)
     fp16 = {}
     for n, k in SHAPES:
