@@ -27,12 +27,20 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from quantease.kernels import gemm, gemm_half2, gemm_swap, gemv_half2
 
-HALF2 = "--half2" in sys.argv
-out = [a for a in sys.argv[1:] if a != "--half2"][0]
-os.makedirs(out, exist_ok=True)
 PTR = dict(x_ptr="*fp16", xt_ptr="*fp16", y_ptr="*fp16", p0_ptr="*i32", p1_ptr="*i32", s_ptr="*fp16", z_ptr="*u8",
            b_ptr="*fp16", oi_ptr="*i16", ov_ptr="*fp16", hsh_ptr="*i32")
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+
+def disassemble(cubin):
+    """(SASS text, "REG:n STACK:n") of a compiled kernel's cubin, by the cuobjdump triton ships (ws_probe.py --aot
+    too)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return sass, " ".join(w for w in res.split() if w.startswith(("REG:", "STACK:")))
 
 
 def build(fn, consts, warps, stages, tag, ptrs=None):
@@ -44,12 +52,7 @@ def build(fn, consts, warps, stages, tag, ptrs=None):
              if (a.endswith("_ptr") or a.startswith("stride_") or a == "K") and a not in ("stride_xt", "stride_xtm")}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    usage = " ".join(w for w in res.split() if w.startswith(("REG:", "STACK:")))
+    sass, usage = disassemble(k.asm["cubin"])
     # drop addresses/encodings: keep the instruction text
     lines = [l.split("*/", 1)[1].strip() if "*/" in l else l.strip() for l in sass.splitlines() if "/*" in l]
     text = "\n".join(lines)
@@ -115,4 +118,7 @@ def half2():
             build(gemv_half2.qgemv_half2_kernel, c, 1, 3, f"gemv_{bn}_{bkb}_o{int(outl)}_e{int(early)}_ilr{ilr}", ptrs)
 
 
-half2() if HALF2 else planes()
+if __name__ == "__main__":
+    out = [a for a in sys.argv[1:] if a != "--half2"][0]
+    os.makedirs(out, exist_ok=True)
+    half2() if "--half2" in sys.argv else planes()

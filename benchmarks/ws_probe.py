@@ -343,14 +343,12 @@ def gemv_rows(p, fraction, base, mb, rows):
 def aot():
     """--aot: every kernel and config compiled for sm_90 here, without a GPU (PYTHONPATH=/tmp/t36: the device's triton
     3.6, as benchmarks/sass.py), with its registers, stack and shared memory -- what the notes quote."""
-    import subprocess
-    import tempfile
-
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    from sass import disassemble
+
     ptrs = dict(out_ptr="*i32", x_ptr="*i32", x16_ptr="*fp16", s_ptr="*fp16", z_ptr="*i16", oi_ptr="*i16",
                 ov_ptr="*fp16", y_ptr="*fp32")
     runs = [(stream_kernel, cfg, {}) for cfg in CONFIGS]
@@ -364,12 +362,7 @@ def aot():
         src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()},
                              attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg[3], maxnreg=128))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-        usage = " ".join(w for w in res.split() if w.startswith(("REG:", "STACK:")))
+        sass, usage = disassemble(k.asm["cubin"])
         print(fn.__name__, cfg, extra or "", usage, f"shared {k.metadata.shared}", f"LDG {sass.count('LDG')}",
               f"UTMALDG {sass.count('UTMALDG')}", flush=True)
 
