@@ -28,7 +28,8 @@ from triton.backends.compiler import GPUTarget
 from quantease.kernels import gemm, gemm_half2, gemm_swap, gemv_half2
 
 PTR = dict(x_ptr="*fp16", xt_ptr="*fp16", y_ptr="*fp16", p0_ptr="*i32", p1_ptr="*i32", s_ptr="*fp16", z_ptr="*u8",
-           b_ptr="*fp16", oi_ptr="*i16", ov_ptr="*fp16", hsh_ptr="*i32")
+           b_ptr="*fp16", oi_ptr="*i16", ov_ptr="*fp16", hsh_ptr="*i32",
+           **{f"xa{i}": "i64" for i in range(4)})  # xprefetch's region addresses (sizes: i32)
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 
 
@@ -92,11 +93,18 @@ def planes():
                   1, 1, f"mma2_bn16_sym_g1_zload{int(zload)}")
 
 
+XPF = "XPF" in gemm_half2.qgemm_half2_kernel.arg_names  # a checkout before the prefetch tail compiles without it
+
+
+def xpf_off(warps):
+    return dict(XPF=0, XPF_N=0, XPF_LANES=32 * warps) if XPF else {}
+
+
 def half2():
     """gemm_half2 (1-warp mma.sync and 4-warp wgmma tiles, PIPE 2) without / with 0.5%-style outliers and groups, and
     IL at BR 1 and the table's BR, OF 4 (4 blocks prefetched; with outliers, their steps before the loop); the
     GEMV's M = 1 configs at Q = 8 ((8, 8, 1): 8192^2, (32, 2, 1): long N) without outliers, with the early slots,
-    after the loop, and 8 slots a step inside it (ILR)."""
+    after the loop, and 8 slots a step inside it (ILR); and the cross-layer L2 prefetch tail (XPF bulk / lines)."""
     ptrs = dict(w_ptr="*i16", z_ptr="*i16")
     for bm, bn, warps in ((16, 64, 1), (16, 128, 4), (32, 128, 4)):
         br = gemm_swap.epilogue_br(warps, bm, bn)
@@ -106,16 +114,24 @@ def half2():
         for outl, grouped, il, r, of in dict.fromkeys(variants):  # (BR 1 rows once where the table's BR is 1)
             c = dict(BF16=False, ZERO=4, HAS_ZEROS=True, GROUPED=grouped, HAS_BIAS=False, OUTLIERS=outl, ASM=True,
                      SPLIT=True, ATOMIC=True, BM=bm, BN=bn, BR=r, PIPE=2, OS=0, PRE=0, IL=il, OF=bool(of and outl),
-                     PDL=0, PF=of)
+                     PDL=0, PF=of, **xpf_off(warps))
             tag = f"half2_{bm}_{bn}_{warps}_o{int(outl)}_g{int(grouped)}_il{int(il)}_br{r}"
             build(gemm_half2.qgemm_half2_kernel, c, warps, 1, tag + (f"_of{of}" if of else ""), ptrs)
+        if XPF:  # the cross-layer L2 prefetch tail (kernels/xprefetch.py), bulk and per line, 3 regions
+            for mode in (1, 2):
+                c.update(OUTLIERS=True, GROUPED=False, IL=False, OF=False, PF=0, BR=br, XPF=mode, XPF_N=3)
+                build(gemm_half2.qgemm_half2_kernel, c, warps, 1, f"half2_{bm}_{bn}_{warps}_o1_xpf{mode}", ptrs)
     ptrs = dict(w_ptr="*i32", z_ptr="*i16")
     for bn, bkb in ((8, 8), (32, 2)):
         for outl, early, ilr in ((False, False, 0), (True, True, 0), (True, False, 0), (True, False, 8)):
             c = dict(BF16=False, ZERO=4, HAS_ZEROS=True, PER_CHANNEL=True, HAS_OUTLIERS=outl, HAS_BIAS=False,
                      ASM=True, PREFETCH=1, EARLY=early, LEAD=0, LEVEL=2, LINES=8, PIN=False, CG=False, XHINT=False,
-                     XL=8, PIPE=1, PDL=0, Q=8, GB=1, BM=1, BN=bn, BKB=bkb, BR=32, ILR=ilr)
+                     XL=8, PIPE=1, PDL=0, Q=8, GB=1, BM=1, BN=bn, BKB=bkb, BR=32, ILR=ilr, **xpf_off(1))
             build(gemv_half2.qgemv_half2_kernel, c, 1, 3, f"gemv_{bn}_{bkb}_o{int(outl)}_e{int(early)}_ilr{ilr}", ptrs)
+        if XPF:
+            for mode in (1, 2):
+                c.update(XPF=mode, XPF_N=3)
+                build(gemv_half2.qgemv_half2_kernel, c, 1, 3, f"gemv_{bn}_{bkb}_o1_ilr8_xpf{mode}", ptrs)
 
 
 if __name__ == "__main__":

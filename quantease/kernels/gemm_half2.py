@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from quantease.errors import QuantEaseError
-from quantease.kernels import gemm_swap, pdl, prologue
+from quantease.kernels import gemm_swap, pdl, prologue, xprefetch
 from quantease.kernels.outliers import ell_add, ell_split_add
 from quantease.kernels.prepare import has_q8_words
 
@@ -302,12 +302,13 @@ def _prefetch_l2(w_ptr, offs_n, N, stride_w, blk0, blk1, PF: tl.constexpr):
 def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr, ov_ptr,
                        M, N, K, R, group_size, blocks_per_split,
                        stride_xm, stride_xt, stride_xtm, stride_ym, stride_w, stride_s, stride_z, stride_oi,
-                       stride_ov,
+                       stride_ov, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
                        ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
                        OS: tl.constexpr, PRE: tl.constexpr, IL: tl.constexpr, OF: tl.constexpr,
-                       PDL: tl.constexpr, PF: tl.constexpr):
+                       PDL: tl.constexpr, PF: tl.constexpr,
+                       XPF: tl.constexpr, XPF_N: tl.constexpr, XPF_LANES: tl.constexpr):
     # GROUPED: groups of whole 256-column blocks (scale, zero per block); else per channel.  OS > 0: axis-1 programs
     # 0 .. OS - 1 of each tile add only the outliers (a share of the slots each, no K blocks), the others are the K
     # splits; OS = 0: every split adds a share in its epilogue
@@ -407,6 +408,9 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
             acc = gemm_swap.add_outliers(acc, xt_ptr, oi_ptr, ov_ptr, offs_n, mask_n, offs_m, mask_m, R, split,
                                          stride_xt, stride_xtm, stride_oi, stride_ov, BR, OS)
     gemm_swap.store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
+    # the next layers' words on their way into L2 while the kernels between run (kernels/xprefetch.py)
+    xprefetch.tail(tl.program_id(0) + tl.program_id(1) * tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1),
+                   xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3, XPF, XPF_N, XPF_LANES)
 
 
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False, outlier_path=None,
@@ -490,7 +494,7 @@ def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_
         BM=bm, BN=bn, BR=br, PIPE=pipe, OS=os_, PRE=pre if r > 0 and os_ == 0 and not of_on else 0,
         IL=bool(il) and r > 0 and os_ == 0 and not of_on, OF=of_on, PDL=use_pdl, PF=pf,
         num_warps=warps, num_stages=1, **({"maxnreg": nreg} if nreg and x.is_cuda else {}),
-        **pdl.launch_kwargs(use_pdl))
+        **xprefetch.launch_args(p, x, warps), **pdl.launch_kwargs(use_pdl))
     if oi is not None and outlier_path == "ell":
         ell_add(x, oi, ov, out)
     elif oi is not None and outlier_path == "split":  # gathers from x or x^T by the epilogue's own rule

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from quantease.errors import QuantEaseError
-from quantease.kernels import pdl
+from quantease.kernels import pdl, xprefetch
 from quantease.kernels.prepare import half2_from_prepared, half2_supported, half2_words_per_role, has_q8_words
 from quantease.kernels.gemv import ell_rows
 
@@ -469,13 +469,15 @@ def _finish_row(yacc, y_ptr, m, Mloc, s, offs_n, mask_n, bias, x_ptr, oi_ptr, ov
 def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                        M, N, K, R, NBLK,
                        stride_xm, stride_ym, stride_w, stride_s, stride_z, stride_oi, stride_ov,
+                       xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, PER_CHANNEL: tl.constexpr,
                        HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                        PREFETCH: tl.constexpr, EARLY: tl.constexpr, LEAD: tl.constexpr, LEVEL: tl.constexpr,
                        LINES: tl.constexpr, PIN: tl.constexpr, CG: tl.constexpr, XHINT: tl.constexpr,
                        XL: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr,
                        Q: tl.constexpr, GB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr,
-                       BR: tl.constexpr, ILR: tl.constexpr):
+                       BR: tl.constexpr, ILR: tl.constexpr,
+                       XPF: tl.constexpr, XPF_N: tl.constexpr, XPF_LANES: tl.constexpr):
     BKW: tl.constexpr = Q * BKB  # words per role per step per row
     pdl.start(PDL)  # the next kernel may launch once every program got here; it takes only the slots left free
     # programs of one row block (all M / BM of them) are adjacent in launch order: for M > BM the later ones
@@ -584,6 +586,9 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                     ov_ptr, R, stride_oi, stride_ov, idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
         _finish_row(y3, y_ptr + 3 * stride_ym, 3, Mloc, s, offs_n, mask_n, bias, x_ptr + 3 * stride_xm, oi_ptr,
                     ov_ptr, R, stride_oi, stride_ov, idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
+    # the next layers' words on their way into L2 while the kernels between run (kernels/xprefetch.py)
+    xprefetch.tail(tl.program_id(0), tl.num_programs(0), xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
+                   XPF, XPF_N, XPF_LANES)
 
 
 def _pairs_ready(x):
@@ -691,5 +696,6 @@ def qgemv_half2(x, p, bias, out, config=None, asm=True, prefetch=None, early_out
         LINES=triton.next_power_of_2(triton.cdiv(3 * q * bkb * 4, 128) + 1),
         Q=q, GB=max(1, p["group_size"] // (32 * q)),  # blocks per group (1 for groups of 32, 64, 128)
         BM=bm, BN=bn, BKB=bkb, BR=br, ILR=ilr, num_warps=warps, num_stages=stages,
+        **xprefetch.launch_args(p, x, warps),
         **({"maxnreg": nreg} if nreg and x.is_cuda else {}), **pdl.launch_kwargs(use_pdl))
     return out

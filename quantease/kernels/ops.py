@@ -33,6 +33,8 @@ GEMV variant: the GEMV rows go to kernels/gemv_half2.py (two weights per logic o
 M = 1 on the H100 sweep, results/kernels_gemv.md) where it applies (3-bit, per channel or groups of a multiple of
 32, fp16/bf16 x; reads p["words"], built by prepare_weights on CUDA), else to gemv.py; QUANTEASE_GEMV=v1 forces
 gemv.py (and prepare_weights then builds no words).
+$QUANTEASE_XPREFETCH (kernels/xprefetch.py, off by default): every Triton call records the run order of the layers,
+and the half2 kernels end by prefetching the next layers' weights into L2.
 """
 import os
 from typing import Optional
@@ -82,7 +84,10 @@ def _forward(x2d, p, bias, backend, out=None):
     if m == 0:
         return out
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    from quantease.kernels import gemm_half2, gemv_half2
+    from quantease.kernels import gemm_half2, gemv_half2, xprefetch
+
+    if x2d.is_cuda and xprefetch.setting()[0]:  # links to the next layer, for the kernels' L2 prefetch tail
+        xprefetch.visit(p)
 
     if gemm_half2.MIN_M <= m <= gemm_half2.MAX_M and gemm_half2.supports(p, x2d):
         return gemm_half2.qgemm_half2(x2d, p, bias, out)
