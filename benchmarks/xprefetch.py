@@ -7,7 +7,8 @@ Per layer, as vLLM runs it: fused residual add + RMSNorm (one Triton kernel, lik
 attention over a --ctx-token KV cache (SDPA, GQA 32 / 8 heads), o 4096x4096, add + norm, gate_up 28672x4096,
 SiLU-and-mul (one kernel), down 4096x14336; 3-bit + 0.5% outliers (random codes: speed does not depend on them);
 --layers layers (8: ~660 MB of words, so every layer's words are cold in L2 when it starts) in one CUDA graph,
-median over replays.  Variants: $QUANTEASE_XPREFETCH off / 4 / 8 / 16 / 32 MiB (bulk) / 16:lines (--caps); with
+median over replays.  Variants: $QUANTEASE_XPREFETCH off / 4 / 8 / 16 / 32 MiB (bulk, the grid's last program per SM
+issuing) / 16:all (every program) / 16:lines (--caps); with
 --pdl CAPS also $QUANTEASE_PDL=1 alone and with each of CAPS; and fp16 (cuBLAS) for the ratio.  --between none drops the kernels between the
 linears (the GEMVs back to back: what the prefetch costs when nothing idles DRAM).  Checks each variant's final
 hidden state against the prefetch-off run's before printing its time.
@@ -171,7 +172,7 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512, help="KV-cache tokens per sequence")
     ap.add_argument("--fraction", type=float, default=0.005, help="outlier fraction")
-    ap.add_argument("--caps", default="4,8,16,32,16:lines", help="$QUANTEASE_XPREFETCH values to time")
+    ap.add_argument("--caps", default="4,8,16,32,16:all,16:lines", help="$QUANTEASE_XPREFETCH values to time")
     ap.add_argument("--pdl", default=None, metavar="CAPS",
                     help="also $QUANTEASE_PDL=1 alone and with each of these $QUANTEASE_XPREFETCH values")
     ap.add_argument("--between", default="vllm", choices=("vllm", "none"))

@@ -33,12 +33,13 @@ def nbytes(t):
 
 def test_setting(monkeypatch):
     monkeypatch.delenv(xprefetch.ENV, raising=False)
-    assert xprefetch.setting() == (0, 0)
-    for raw, want in (("0", (0, 0)), ("16", (xprefetch.BULK, 16 << 20)), ("0.5:lines", (xprefetch.LINES, 1 << 19)),
-                      ("8:bulk", (xprefetch.BULK, 8 << 20))):
+    assert xprefetch.setting()[0] == 0
+    for raw, want in (("0", (0, 0, False)), ("16", (xprefetch.BULK, 16 << 20, False)),
+                      ("0.5:lines", (xprefetch.LINES, 1 << 19, False)), ("8:bulk:all", (xprefetch.BULK, 8 << 20, True)),
+                      ("4:all:lines", (xprefetch.LINES, 4 << 20, True))):
         monkeypatch.setenv(xprefetch.ENV, raw)
         assert xprefetch.setting() == want, raw
-    for bad in ("yes", "-1", "8:rows", "4096"):
+    for bad in ("yes", "-1", "8:rows", "4096", "8:bulk:lines"):
         monkeypatch.setenv(xprefetch.ENV, bad)
         with pytest.raises(QuantEaseError, match="QUANTEASE_XPREFETCH"):
             xprefetch.setting()
@@ -87,15 +88,16 @@ def test_launch_args_off_on_cpu(monkeypatch):
     xprefetch.visit(b)
     args = xprefetch.launch_args(a, torch.zeros(1, 64), 4)
     assert args["XPF"] == 0 and args["XPF_N"] == 0 and args["XPF_LANES"] == 128  # the interpreter runs no PTX
+    assert args["xlast"] == 0
     assert [args[f"xn{i}"] for i in range(xprefetch.MAX_REGIONS)] == [0] * xprefetch.MAX_REGIONS
 
 
 @gpu
 @pytest.mark.parametrize("m", (1, 2, 16))
-@pytest.mark.parametrize("setting", ("1", "0.25:lines", "64"))
+@pytest.mark.parametrize("setting", ("1", "0.25:lines", "64", "2:all"))
 def test_chain_bitwise_the_same_with_the_tail(monkeypatch, m, setting):
     """A chain of four layers (0.5% outliers), each fed the same x: the prefetch tail (the next layers' tables and
-    words; 1 MiB, 256 KiB per line, all of it) changes no output bit, and the links follow the run order."""
+    words; 1 MiB, 256 KiB per line, all of it, 2 MiB from every program) changes no output bit, and the links follow the run order."""
     layers = chain_layers(4, 512, -1, 0.005, False)
     x = torch.randn(m, 512, dtype=torch.float16, device="cuda")
     monkeypatch.setenv(xprefetch.ENV, "0")
@@ -111,3 +113,4 @@ def test_chain_bitwise_the_same_with_the_tail(monkeypatch, m, setting):
         assert xprefetch.successor(p)["words"] is q["words"]
     args = xprefetch.launch_args(ps[0], x, 1)
     assert args["XPF"] == (xprefetch.LINES if "lines" in setting else xprefetch.BULK) and args["XPF_N"] >= 1
+    assert args["xlast"] == (0 if "all" in setting else torch.cuda.get_device_properties(0).multi_processor_count)

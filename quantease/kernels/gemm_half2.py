@@ -302,7 +302,7 @@ def _prefetch_l2(w_ptr, offs_n, N, stride_w, blk0, blk1, PF: tl.constexpr):
 def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr, ov_ptr,
                        M, N, K, R, group_size, blocks_per_split,
                        stride_xm, stride_xt, stride_xtm, stride_ym, stride_w, stride_s, stride_z, stride_oi,
-                       stride_ov, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
+                       stride_ov, xlast, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUPED: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUTLIERS: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
                        ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PIPE: tl.constexpr,
@@ -410,7 +410,7 @@ def qgemm_half2_kernel(x_ptr, xt_ptr, y_ptr, w_ptr, s_ptr, z_ptr, b_ptr, oi_ptr,
     gemm_swap.store_tile(acc, y_ptr, offs_n, mask_n, offs_m, mask_m, stride_ym, SPLIT, ATOMIC)
     # the next layers' words on their way into L2 while the kernels between run (kernels/xprefetch.py)
     xprefetch.tail(tl.program_id(0) + tl.program_id(1) * tl.num_programs(0), tl.num_programs(0) * tl.num_programs(1),
-                   xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3, XPF, XPF_N, XPF_LANES)
+                   xlast, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3, XPF, XPF_N, XPF_LANES)
 
 
 def qgemm_half2(x, p, bias, out, config=None, asm=True, gather_x=None, outliers_only=False, outlier_path=None,

@@ -469,7 +469,7 @@ def _finish_row(yacc, y_ptr, m, Mloc, s, offs_n, mask_n, bias, x_ptr, oi_ptr, ov
 def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
                        M, N, K, R, NBLK,
                        stride_xm, stride_ym, stride_w, stride_s, stride_z, stride_oi, stride_ov,
-                       xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
+                       xlast, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
                        BF16: tl.constexpr, ZERO: tl.constexpr, HAS_ZEROS: tl.constexpr, PER_CHANNEL: tl.constexpr,
                        HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                        PREFETCH: tl.constexpr, EARLY: tl.constexpr, LEAD: tl.constexpr, LEVEL: tl.constexpr,
@@ -587,7 +587,7 @@ def qgemv_half2_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, oi_ptr, ov_ptr, b_ptr,
         _finish_row(y3, y_ptr + 3 * stride_ym, 3, Mloc, s, offs_n, mask_n, bias, x_ptr + 3 * stride_xm, oi_ptr,
                     ov_ptr, R, stride_oi, stride_ov, idx0, val0, PER_CHANNEL, HAS_OUTLIERS, HAS_BIAS, BR, EARLY)
     # the next layers' words on their way into L2 while the kernels between run (kernels/xprefetch.py)
-    xprefetch.tail(tl.program_id(0), tl.num_programs(0), xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
+    xprefetch.tail(tl.program_id(0), tl.num_programs(0), xlast, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
                    XPF, XPF_N, XPF_LANES)
 
 

@@ -16,18 +16,20 @@ How.
            the server starts): links form during the first forward and CUDA-graph capture bakes them in.
   regions  (`launch_args`) the next layers' outlier tables and words (or bit planes), in chain order, up to a byte
            cap: at most MAX_REGIONS (address, bytes) pairs, passed to the kernel as scalars.
-  tail     (`tail`, @triton.jit, called after the kernel's stores) every program prefetches its share of each
-           region: `cp.async.bulk.prefetch.L2` per warp over a 16-byte-aligned slice (mode BULK: the TMA unit
+  tail     (`tail`, @triton.jit, called after the kernel's stores) the last programs of the grid (one per SM;
+           `:all`: every program) prefetch a share of each region: `cp.async.bulk.prefetch.L2` per warp over a 16-byte-aligned slice (mode BULK: the TMA unit
            issues the lines, the warp does not wait), or `prefetch.global.L2` per 128-byte line (mode LINES).
            A hint only: results are bitwise the same with it on or off.
 
-$QUANTEASE_XPREFETCH: 0 (off, the default until the device has timed it), N (MiB of the following layers per
-link, bulk prefetch), or N:lines.  CUDA only; the half2 kernels (gemv_half2, gemm_half2) issue it, the other paths
+$QUANTEASE_XPREFETCH: 0 (off, the default until the device has timed it), or N[:lines][:all]: N MiB of the
+following layers per kernel, bulk (or per-line) prefetch, issued by the grid's last programs (or all of them).  CUDA only; the half2 kernels (gemv_half2, gemm_half2) issue it, the other paths
 only take part in the links.  benchmarks/xprefetch.py times a synthetic Llama-3-8B layer chain with it off and on.
 """
+import functools
 import os
 import weakref
 
+import torch
 import triton
 import triton.language as tl
 
@@ -43,19 +45,25 @@ _version = 0  # bumped whenever a link forms: cached regions computed before it 
 
 
 def setting():
-    """(mode, cap in bytes) from $QUANTEASE_XPREFETCH; (0, 0) when off."""
+    """(mode, cap in bytes, every program issues) from $QUANTEASE_XPREFETCH; mode 0 when off."""
     raw = (os.environ.get(ENV, "0") or "0").strip()
-    size, _, kind = raw.partition(":")
+    size, *flags = raw.split(":")
     try:
         mib = float(size)
     except ValueError:
         mib = -1
-    if not 0 <= mib <= 1024 or kind not in ("", "bulk", "lines"):
-        raise QuantEaseError(f"${ENV}={raw!r}: 0 (off), N (0 < N <= 1024 MiB of the next layers prefetched into L2 "
-                             f"per kernel) or N:lines (per-line prefetch instead of bulk)")
+    if not 0 <= mib <= 1024 or not set(flags) <= {"bulk", "lines", "all"} or {"bulk", "lines"} <= set(flags):
+        raise QuantEaseError(f"${ENV}={raw!r}: 0 (off) or N[:lines][:all] -- N (0 < N <= 1024) MiB of the next "
+                             f"layers prefetched into L2 per kernel, lines: per 128-byte line instead of bulk, all: "
+                             f"by every program instead of the last one per SM")
     if mib == 0:
-        return 0, 0
-    return (LINES if kind == "lines" else BULK), int(mib * 2**20)
+        return 0, 0, False
+    return (LINES if "lines" in flags else BULK), int(mib * 2**20), "all" in flags
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _anchor(p):
@@ -113,8 +121,9 @@ def regions(p, cap, device):
 
 def launch_args(p, x, warps):
     """The kernel arguments of the tail for a launch reading x: XPF (mode, 0 off), XPF_N regions, XPF_LANES
-    threads, and the regions as xa0, xn0 .. xa3, xn3 (zeros past XPF_N).  Cached on the layer per setting."""
-    mode, cap = setting() if x.is_cuda else (0, 0)
+    threads, xlast (programs that issue: the last xlast of the grid, 0 all of them), and the regions as xa0, xn0 ..
+    xa3, xn3 (zeros past XPF_N).  Regions cached on the layer per setting."""
+    mode, cap, every = setting() if x.is_cuda else (0, 0, False)
     regs = []
     a = _anchor(p)
     if mode and a is not None:
@@ -125,7 +134,8 @@ def launch_args(p, x, warps):
         else:
             regs = regions(p, cap, x.device)
             setattr(a, _CACHE, (key, regs))
-    args = dict(XPF=mode if regs else 0, XPF_N=len(regs), XPF_LANES=32 * warps)
+    last = 0 if every or not regs else _sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    args = dict(XPF=mode if regs else 0, XPF_N=len(regs), XPF_LANES=32 * warps, xlast=last)
     for i in range(MAX_REGIONS):
         addr, size = regs[i] if i < len(regs) else (0, 0)
         args[f"xa{i}"], args[f"xn{i}"] = addr, size
@@ -134,8 +144,10 @@ def launch_args(p, x, warps):
 
 @triton.jit
 def _region(addr, nbytes, pid, nprog, MODE: tl.constexpr, LANES: tl.constexpr):
-    """This program's share of [addr, addr + nbytes) (a multiple of 16 bytes per thread) into L2."""
+    """Share pid of nprog of [addr, addr + nbytes) (a multiple of 16 bytes per thread) into L2; pid < 0: nothing
+    (branch-free: an if around the tail cost gemm_half2's (16, 128, 4) 52 registers, sm_90 AOT)."""
     share = tl.cdiv(tl.cdiv(nbytes, nprog), 16 * LANES) * (16 * LANES)
+    nbytes = tl.where(pid >= 0, nbytes, 0)
     if MODE == 1:
         # cp.async.bulk.prefetch is a warp-uniform instruction (UBLKPF): one per warp, over the warp's slice of the
         # program's share (every thread holds the same operands, so ptxas' loop over distinct values runs once)
@@ -162,16 +174,19 @@ def _region(addr, nbytes, pid, nprog, MODE: tl.constexpr, LANES: tl.constexpr):
 
 
 @triton.jit
-def tail(pid, nprog, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
+def tail(pid, nprog, xlast, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
          XPF: tl.constexpr, XPF_N: tl.constexpr, XPF_LANES: tl.constexpr):
-    """After the kernel's stores: this program's share of the next layers' regions into L2 (XPF 0: nothing)."""
+    """After the kernel's stores: a share of the next layers' regions into L2 (XPF 0: nothing).  Only the last
+    xlast programs issue (0: all): the grid runs in waves in launch order, and a prefetch issued by an early wave
+    would only compete with this kernel's own stream -- the point is DRAM work left over for the kernels after it."""
     if XPF > 0:
+        issuers = tl.where(xlast > 0, tl.minimum(nprog, xlast), nprog)
+        rel = pid - (nprog - issuers)  # < 0: not an issuer
         if XPF_N > 0:
-            _region(xa0, xn0, pid, nprog, XPF, XPF_LANES)
+            _region(xa0, xn0, rel, issuers, XPF, XPF_LANES)
         if XPF_N > 1:
-            _region(xa1, xn1, pid, nprog, XPF, XPF_LANES)
+            _region(xa1, xn1, rel, issuers, XPF, XPF_LANES)
         if XPF_N > 2:
-            _region(xa2, xn2, pid, nprog, XPF, XPF_LANES)
+            _region(xa2, xn2, rel, issuers, XPF, XPF_LANES)
         if XPF_N > 3:
-            _region(xa3, xn3, pid, nprog, XPF, XPF_LANES)
-
+            _region(xa3, xn3, rel, issuers, XPF, XPF_LANES)
