@@ -95,6 +95,11 @@ def graph_time(calls, replays=20):
     with torch.cuda.graph(graph):
         for c in calls:
             c()
+    return replay_median(graph, replays) / len(calls)
+
+
+def replay_median(graph, replays):
+    """Median microseconds of one replay of a captured CUDA graph (one untimed replay first)."""
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -104,7 +109,7 @@ def graph_time(calls, replays=20):
         graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / len(calls))
+        times.append(a.elapsed_time(b) * 1000)
     return statistics.median(times)
 
 

@@ -16,7 +16,6 @@ hidden state against the prefetch-off run's before printing its time.
 import argparse
 import csv
 import os
-import statistics
 import sys
 import time
 
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.kernels import make_prepared  # noqa: E402
+from benchmarks.kernels import make_prepared, replay_median  # noqa: E402
 from quantease.kernels import ops, xprefetch  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336
@@ -143,19 +142,8 @@ def step_time(step, replays):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step.run()
-    graph.replay()
-    torch.cuda.synchronize()
-    result = out.clone()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    del graph
-    return statistics.median(times), result
+    us = replay_median(graph, replays)
+    return us, out.clone()
 
 
 def variants(args):
