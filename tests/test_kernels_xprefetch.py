@@ -92,6 +92,24 @@ def test_launch_args_off_on_cpu(monkeypatch):
     assert [args[f"xn{i}"] for i in range(xprefetch.MAX_REGIONS)] == [0] * xprefetch.MAX_REGIONS
 
 
+def test_the_dispatch_forms_the_links(monkeypatch):
+    """Through ops.qlinear_prepared's Triton path (the interpreter here, which launches no prefetch): links in run
+    order, and none while the setting is off."""
+    layers = [p for _, p in chain_layers(3, 64, -1, 0.05, False)]
+    x = torch.randn(1, 64, dtype=torch.float16, device=DEVICE)
+    monkeypatch.setenv(xprefetch.ENV, "0")
+    for p in layers:
+        ops.qlinear_prepared(x, p, backend="triton")
+    assert all(xprefetch.successor(p) is None for p in layers)
+    monkeypatch.setenv(xprefetch.ENV, "8")
+    for _ in range(2):
+        for p in layers:
+            ops.qlinear_prepared(x, p, backend="triton")
+    assert xprefetch.successor(layers[0])["words"] is layers[1]["words"]
+    assert xprefetch.successor(layers[1])["words"] is layers[2]["words"]
+    assert xprefetch.successor(layers[2]) is None
+
+
 @gpu
 @pytest.mark.parametrize("m", (1, 2, 16))
 @pytest.mark.parametrize("setting", ("1", "0.25:lines", "64", "2:all"))

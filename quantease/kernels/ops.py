@@ -86,7 +86,7 @@ def _forward(x2d, p, bias, backend, out=None):
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     from quantease.kernels import gemm_half2, gemv_half2, xprefetch
 
-    if x2d.is_cuda and xprefetch.setting()[0]:  # links to the next layer, for the kernels' L2 prefetch tail
+    if xprefetch.setting()[0]:  # links to the next layer, for the kernels' L2 prefetch tail (which is CUDA only)
         xprefetch.visit(p)
 
     if gemm_half2.MIN_M <= m <= gemm_half2.MAX_M and gemm_half2.supports(p, x2d):
