@@ -7,11 +7,11 @@ Per layer, as vLLM runs it: fused residual add + RMSNorm (one Triton kernel, lik
 attention over a --ctx-token KV cache (SDPA, GQA 32 / 8 heads), o 4096x4096, add + norm, gate_up 28672x4096,
 SiLU-and-mul (one kernel), down 4096x14336; 3-bit + 0.5% outliers (random codes: speed does not depend on them);
 --layers layers (8: ~660 MB of words, so every layer's words are cold in L2 when it starts) in one CUDA graph,
-median over replays.  Variants: $QUANTEASE_XPREFETCH off / 4 / 8 / 16 / 32 MiB (bulk, the grid's last program per SM
-issuing) / 16:all (every program) / 16:lines (--caps); with
---pdl CAPS also $QUANTEASE_PDL=1 alone and with each of CAPS; and fp16 (cuBLAS) for the ratio.  --between none drops the kernels between the
-linears (the GEMVs back to back: what the prefetch costs when nothing idles DRAM).  Checks each variant's final
-hidden state against the prefetch-off run's before printing its time.
+median over replays.  Variants (--caps): $QUANTEASE_XPREFETCH off / 4 / 8 / 16 / 32 MiB (bulk, issued by the grid's
+last program per SM) / 16:all (by every program) / 16:lines (per line); with --pdl CAPS also $QUANTEASE_PDL=1 alone
+and with each of CAPS; and fp16 (cuBLAS) for the ratio.  --between none drops the kernels between the linears (the
+GEMVs back to back, a copy where shapes differ: what the prefetch costs when nothing idles DRAM).  Each variant's
+final hidden state is compared with the prefetch-off run's (relative difference printed, MISMATCH above 1e-2).
 """
 import argparse
 import csv
@@ -206,8 +206,9 @@ def main():
                 base_us, base_out = us, out
             ratio = base_us / us if us else 0.0
             f16 = fp16_us / us if fp16_us and us else 0.0
-            print(f"{m:>3} {name:<18} {us:>9.1f} {us / len(layers):>9.2f} {ratio:>7.3f} {f16:>9.3f} {diff:>9.1e}",
-                  flush=True)
+            flag = "  MISMATCH" if not diff < 1e-2 else ""  # split-K atomics: not bitwise across PDL variants
+            print(f"{m:>3} {name:<18} {us:>9.1f} {us / len(layers):>9.2f} {ratio:>7.3f} {f16:>9.3f} {diff:>9.1e}"
+                  + flag, flush=True)
             if writer:
                 writer.writerow([m, name, xpf, pdl, f"{us:.1f}", f"{us / len(layers):.2f}", f"{ratio:.3f}",
                                  f"{f16:.3f}", f"{diff:.1e}"])

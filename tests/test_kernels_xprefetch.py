@@ -1,11 +1,14 @@
 """Cross-layer L2 prefetch (kernels/xprefetch.py): the setting, the links learned in execution order, the regions
 handed to the kernels, and -- on a GPU -- that a chain of layers gives bitwise the same outputs with the tail on."""
 import gc
+import itertools
 
 import pytest
 import torch
 
-from test_kernels import DEVICE  # first: sets TRITON_INTERPRET
+from test_kernels import DEVICE  # first: sets TRITON_INTERPRET (before triton is imported)
+import triton
+import triton.language as tl
 from test_kernels_pdl import chain_layers
 from quantease.errors import QuantEaseError
 from quantease.kernels import ops, xprefetch
@@ -71,6 +74,61 @@ def test_regions_in_chain_order_tables_first_up_to_the_cap():
     assert xprefetch.regions(a, 1 << 20, torch.device("meta")) == []  # only tensors on the launch's device
 
 
+@triton.jit
+def _slices(out_ptr, nbytes, xlast, LANES: tl.constexpr, MODE: tl.constexpr):
+    """Each program's slicing of the region [0, nbytes), as the tail computes it, stored for the test."""
+    pid = tl.program_id(0)
+    rel, issuers = xprefetch.issuer(pid, tl.num_programs(0), xlast)
+    lanes = tl.arange(0, LANES)
+    if MODE == 1:
+        start, size, warp = xprefetch.bulk_slice(0, nbytes, rel, issuers, LANES)
+        tl.store(out_ptr + pid * 3 + tl.arange(0, 4), tl.where(tl.arange(0, 4) == 0, start, tl.where(
+            tl.arange(0, 4) == 1, size.to(tl.int64), warp.to(tl.int64))), mask=tl.arange(0, 4) < 3)
+    else:
+        at, size, piece = xprefetch.line_slice(0, nbytes, rel, issuers, LANES)
+        tl.store(out_ptr + pid * (2 * LANES + 1) + lanes, at)
+        tl.store(out_ptr + pid * (2 * LANES + 1) + LANES + lanes, size.to(tl.int64))
+        tl.store(out_ptr + pid * (2 * LANES + 1) + 2 * LANES, piece.to(tl.int64))
+
+
+def prefetched(mode, nbytes, nprog, xlast, lanes):
+    """The byte intervals the tail's prefetches cover for a region [0, nbytes), per the asm statements' rules."""
+    width = 3 if mode == xprefetch.BULK else 2 * lanes + 1
+    out = torch.full((nprog * width,), -1, dtype=torch.int64)
+    _slices[(nprog,)](out, nbytes, xlast, LANES=lanes, MODE=mode)
+    spans = []
+    for row in out.view(nprog, width).tolist():
+        if mode == xprefetch.BULK:  # warp w: [start + w * per_warp, + min(per_warp, size - w * per_warp)) if > 0
+            start, size, warp = row
+            spans += [(start + w * warp, start + w * warp + min(warp, size - w * warp))
+                      for w in range(lanes // 32) if size - w * warp > 0]
+        else:  # thread t: the lines at at + 128 j for 128 j < size, j < cdiv(piece, 128)
+            piece = row[-1]
+            for at, size in zip(row[:lanes], row[lanes:2 * lanes]):
+                spans += [(at + 128 * j, at + min(128 * (j + 1), size)) for j in range(-(-piece // 128))
+                          if 128 * j < size]
+    return sorted(spans)
+
+
+@pytest.mark.parametrize("mode", (xprefetch.BULK, xprefetch.LINES))
+def test_the_issuers_cover_the_region_exactly(mode):
+    """Every byte of the region once, nothing outside it, from the last xlast programs only (all for xlast 0); the
+    slicing the asm statements get (bulk: per warp, lines: per thread) -- what the GPU cannot show, since a
+    prefetch changes no result."""
+    for nbytes, nprog, xlast, lanes in itertools.product((16, 4096, 16 * 12345), (1, 3, 40), (0, 2, 64),
+                                                         (32, 128)):
+        spans = prefetched(mode, nbytes, nprog, xlast, lanes)
+        covered = 0
+        for (a, b), nxt in zip(spans, spans[1:] + [(nbytes, None)]):
+            assert 0 <= a < b <= nxt[0] and a == covered, (nbytes, nprog, xlast, lanes, a, b)
+            covered = b
+        assert covered == nbytes, (nbytes, nprog, xlast, lanes)
+    # issuers: with 200 programs and xlast 2 only programs 198 and 199 have a share
+    out = torch.full((200 * 3,), -1, dtype=torch.int64)
+    _slices[(200,)](out, 4096, 2, LANES=32, MODE=xprefetch.BULK)
+    assert [i for i, (_, size, _) in enumerate(out.view(200, 3).tolist()) if size > 0] == [198, 199]
+
+
 def test_links_hold_no_memory():
     a, b = layer(8), layer(16)
     xprefetch.visit(a)
@@ -102,9 +160,8 @@ def test_the_dispatch_forms_the_links(monkeypatch):
         ops.qlinear_prepared(x, p, backend="triton")
     assert all(xprefetch.successor(p) is None for p in layers)
     monkeypatch.setenv(xprefetch.ENV, "8")
-    for _ in range(2):
-        for p in layers:
-            ops.qlinear_prepared(x, p, backend="triton")
+    for p in layers + layers[:1]:  # and the next step's first layer: no link back to it
+        ops.qlinear_prepared(x, p, backend="triton")
     assert xprefetch.successor(layers[0])["words"] is layers[1]["words"]
     assert xprefetch.successor(layers[1])["words"] is layers[2]["words"]
     assert xprefetch.successor(layers[2]) is None
@@ -115,7 +172,8 @@ def test_the_dispatch_forms_the_links(monkeypatch):
 @pytest.mark.parametrize("setting", ("1", "0.25:lines", "64", "2:all"))
 def test_chain_bitwise_the_same_with_the_tail(monkeypatch, m, setting):
     """A chain of four layers (0.5% outliers), each fed the same x: the prefetch tail (the next layers' tables and
-    words; 1 MiB, 256 KiB per line, all of it, 2 MiB from every program) changes no output bit, and the links follow the run order."""
+    words; 1 MiB, 256 KiB per line, all of it, 2 MiB from every program) changes no output bit, and the links
+    follow the run order."""
     layers = chain_layers(4, 512, -1, 0.005, False)
     x = torch.randn(m, 512, dtype=torch.float16, device="cuda")
     monkeypatch.setenv(xprefetch.ENV, "0")

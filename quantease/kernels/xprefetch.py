@@ -17,13 +17,16 @@ How.
   regions  (`launch_args`) the next layers' outlier tables and words (or bit planes), in chain order, up to a byte
            cap: at most MAX_REGIONS (address, bytes) pairs, passed to the kernel as scalars.
   tail     (`tail`, @triton.jit, called after the kernel's stores) the last programs of the grid (one per SM;
-           `:all`: every program) prefetch a share of each region: `cp.async.bulk.prefetch.L2` per warp over a 16-byte-aligned slice (mode BULK: the TMA unit
-           issues the lines, the warp does not wait), or `prefetch.global.L2` per 128-byte line (mode LINES).
-           A hint only: results are bitwise the same with it on or off.
+           `:all`: every program) prefetch a share of each region: `cp.async.bulk.prefetch.L2` per warp over a
+           16-byte-aligned slice (mode BULK: the TMA unit issues the lines, the warp does not wait), or
+           `prefetch.global.L2` per 128-byte line (mode LINES).  A hint only: results are bitwise the same with it
+           on or off.  The slicing (`issuer`, `bulk_slice`, `line_slice`) is plain Triton, tested under the
+           interpreter; only the two asm statements need the GPU.
 
 $QUANTEASE_XPREFETCH: 0 (off, the default until the device has timed it), or N[:lines][:all]: N MiB of the
-following layers per kernel, bulk (or per-line) prefetch, issued by the grid's last programs (or all of them).  CUDA only; the half2 kernels (gemv_half2, gemm_half2) issue it, the other paths
-only take part in the links.  benchmarks/xprefetch.py times a synthetic Llama-3-8B layer chain with it off and on.
+following layers per kernel, bulk (or per-line) prefetch, issued by the grid's last programs (or all of them).
+CUDA only; the half2 kernels (gemv_half2, gemm_half2) issue it, the other paths only take part in the links.
+benchmarks/xprefetch.py times a synthetic Llama-3-8B decode step with it off and on.
 """
 import functools
 import os
@@ -134,7 +137,8 @@ def launch_args(p, x, warps):
         else:
             regs = regions(p, cap, x.device)
             setattr(a, _CACHE, (key, regs))
-    last = 0 if every or not regs else _sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    index = x.device.index if x.device.index is not None else (torch.cuda.current_device() if x.is_cuda else 0)
+    last = 0 if every or not regs else _sms(index)
     args = dict(XPF=mode if regs else 0, XPF_N=len(regs), XPF_LANES=32 * warps, xlast=last)
     for i in range(MAX_REGIONS):
         addr, size = regs[i] if i < len(regs) else (0, 0)
@@ -143,29 +147,51 @@ def launch_args(p, x, warps):
 
 
 @triton.jit
-def _region(addr, nbytes, pid, nprog, MODE: tl.constexpr, LANES: tl.constexpr):
-    """Share pid of nprog of [addr, addr + nbytes) (a multiple of 16 bytes per thread) into L2; pid < 0: nothing
-    (branch-free: an if around the tail cost gemm_half2's (16, 128, 4) 52 registers, sm_90 AOT)."""
-    share = tl.cdiv(tl.cdiv(nbytes, nprog), 16 * LANES) * (16 * LANES)
-    nbytes = tl.where(pid >= 0, nbytes, 0)
+def issuer(pid, nprog, xlast):
+    """(rel, issuers): this program's index among the grid's issuing programs -- the last xlast (0: all) in launch
+    order -- negative when it does not issue, and how many issue."""
+    issuers = tl.where(xlast > 0, tl.minimum(nprog, xlast), nprog)
+    return pid - (nprog - issuers), issuers
+
+
+@triton.jit
+def bulk_slice(addr, nbytes, rel, issuers, LANES: tl.constexpr):
+    """Mode BULK: (start, bytes, per-warp bytes) of issuer rel's share of [addr, addr + nbytes); warp w prefetches
+    [start + w * per_warp, + min(per_warp, bytes - w * per_warp)) where that is > 0 (the asm in _region).  All
+    multiples of 16; bytes 0 for rel < 0 (branch-free: an if around the tail cost gemm_half2's (16, 128, 4) 52
+    registers, sm_90 AOT)."""
+    share = tl.cdiv(tl.cdiv(nbytes, issuers), 16 * LANES) * (16 * LANES)
+    size = tl.where(rel >= 0, tl.minimum(tl.maximum(nbytes - rel * share, 0), share), 0)
+    return addr + (rel * share).to(tl.int64), size, share // (LANES // 32)
+
+
+@triton.jit
+def line_slice(addr, nbytes, rel, issuers, LANES: tl.constexpr):
+    """Mode LINES: (start [LANES], bytes [LANES], piece) of each thread's piece of issuer rel's share; the thread
+    prefetches the 128-byte lines at start + 128 j for 128 j < bytes (j < cdiv(piece, 128)); bytes 0 for rel < 0."""
+    share = tl.cdiv(tl.cdiv(nbytes, issuers), 16 * LANES) * (16 * LANES)
+    piece = share // LANES
+    start = rel * share + tl.arange(0, LANES) * piece
+    size = tl.where(rel >= 0, tl.minimum(tl.maximum(nbytes - start, 0), piece), 0)
+    return addr + start.to(tl.int64), size, piece
+
+
+@triton.jit
+def _region(addr, nbytes, rel, issuers, MODE: tl.constexpr, LANES: tl.constexpr):
+    """Issuer rel's share of [addr, addr + nbytes) into L2 (rel < 0: nothing)."""
     if MODE == 1:
         # cp.async.bulk.prefetch is a warp-uniform instruction (UBLKPF): one per warp, over the warp's slice of the
-        # program's share (every thread holds the same operands, so ptxas' loop over distinct values runs once)
+        # program's share (every thread holds the same operands, so ptxas emits it once per warp, no loop)
+        start, size, warp = bulk_slice(addr, nbytes, rel, issuers, LANES)
         one = tl.full([1], 0, tl.int32)
-        base = (addr + (pid * share).to(tl.int64)) + one.to(tl.int64)
-        size = tl.minimum(tl.maximum(nbytes - pid * share, 0), share) + one
-        warp = share // (LANES // 32) + one
         tl.inline_asm_elementwise(
             "{\n\t.reg .u32 w;\n\t.reg .s32 r;\n\t.reg .u64 a;\n\t.reg .pred p;\n\t"
             "mov.u32 w, %tid.x;\n\tshr.u32 w, w, 5;\n\tmul.lo.s32 r, w, $3;\n\t"
             "cvt.u64.u32 a, r;\n\tadd.u64 a, a, $1;\n\tsub.s32 r, $2, r;\n\tmin.s32 r, r, $3;\n\t"
             "setp.gt.s32 p, r, 0;\n\t@p cp.async.bulk.prefetch.L2.global [a], r;\n\tmov.b32 $0, 0;\n\t}",
-            "=r,l,r,r", [base, size, warp], dtype=tl.int32, is_pure=False, pack=1)
+            "=r,l,r,r", [start + one.to(tl.int64), size + one, warp + one], dtype=tl.int32, is_pure=False, pack=1)
     else:  # one prefetch.global.L2 per 128-byte line of each thread's piece (sm_80 too)
-        piece = share // LANES
-        start = pid * share + tl.arange(0, LANES) * piece
-        size = tl.minimum(tl.maximum(nbytes - start, 0), piece)
-        at = addr + start.to(tl.int64)
+        at, size, piece = line_slice(addr, nbytes, rel, issuers, LANES)
         for j in range(0, tl.cdiv(piece, 128)):
             on = (j * 128 < size).to(tl.int32)
             tl.inline_asm_elementwise(
@@ -180,8 +206,7 @@ def tail(pid, nprog, xlast, xa0, xn0, xa1, xn1, xa2, xn2, xa3, xn3,
     xlast programs issue (0: all): the grid runs in waves in launch order, and a prefetch issued by an early wave
     would only compete with this kernel's own stream -- the point is DRAM work left over for the kernels after it."""
     if XPF > 0:
-        issuers = tl.where(xlast > 0, tl.minimum(nprog, xlast), nprog)
-        rel = pid - (nprog - issuers)  # < 0: not an issuer
+        rel, issuers = issuer(pid, nprog, xlast)
         if XPF_N > 0:
             _region(xa0, xn0, rel, issuers, XPF, XPF_LANES)
         if XPF_N > 1:
