@@ -216,7 +216,7 @@ def main():
         os.environ[xprefetch.ENV] = "0"
     if args.smoke:
         linked = sum(xprefetch.successor(p) is not None for layer in layers for p in layer.values())
-        print(f"smoke: {linked} links (CPU launches form none: the links are a CUDA path)", flush=True)
+        print(f"smoke: {linked} links (none: the CPU torch path takes no part, links form on the Triton path)", flush=True)
 
 
 if __name__ == "__main__":
