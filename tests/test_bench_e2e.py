@@ -175,3 +175,17 @@ def test_model_variants():
     text = throughput.table(rows)
     assert "| batch | fp16 tok/s | fp16 TPOT ms | quantease tok/s" in text  # fp16 first, then in run order
     assert "| 1 | 150.0 | 6.60 | 300.0 | 3.30 | 330.0 | 3.00 | 2.00x | 2.20x |" in text
+
+
+def test_engine_arguments():
+    kw = dict(model="m", compilation_config={"cudagraph_capture_sizes": [1, 8]})
+    assert throughput.engine_kwargs(kw, "") == kw
+    got = throughput.engine_kwargs(kw, '{"async_scheduling": true, "compilation_config": {"cudagraph_mode": "FULL"}}')
+    assert got == dict(model="m", async_scheduling=True,
+                       compilation_config={"cudagraph_capture_sizes": [1, 8], "cudagraph_mode": "FULL"})
+    assert kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 8]}  # the caller's dict is left alone
+    with pytest.raises(ValueError, match="JSON object"):
+        throughput.engine_kwargs(kw, "[1]")
+    bad = subprocess.run([sys.executable, throughput.__file__, "--models", "fp16", "--engine", "{nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "throughput.py:" in bad.stderr
