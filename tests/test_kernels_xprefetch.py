@@ -190,3 +190,30 @@ def test_chain_bitwise_the_same_with_the_tail(monkeypatch, m, setting):
     args = xprefetch.launch_args(ps[0], x, 1)
     assert args["XPF"] == (xprefetch.LINES if "lines" in setting else xprefetch.BULK) and args["XPF_N"] >= 1
     assert args["xlast"] == (0 if "all" in setting else torch.cuda.get_device_properties(0).multi_processor_count)
+
+
+def test_a_transformers_model_links_in_its_run_order(tmp_path, monkeypatch):
+    """A tiny Llama checkpoint loaded by from_pretrained, one forward on the Triton path (the interpreter here): each
+    linear's successor is the one the decoder runs next -- q, k, v, o, gate, up, down, then the next layer's q."""
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_helpers import make_checkpoint, tokens
+    from conftest import make_tiny_llama
+    from test_checkpoint import TINY
+
+    src = make_tiny_llama(tmp_path / "tiny", **TINY)
+    layers, _ = make_checkpoint(src, tmp_path / "q", fraction=0.05)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float16).to(DEVICE)
+    monkeypatch.setenv("QUANTEASE_KERNEL_BACKEND", "triton")
+    monkeypatch.setenv(xprefetch.ENV, "8")
+    with torch.no_grad():
+        model(tokens(1, 2).to(DEVICE))
+    order = [f"model.layers.{i}.{name}" for i in range(model.config.num_hidden_layers)
+             for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert sorted(order) == sorted(layers)
+    anchors = [xprefetch._anchor(model.get_submodule(name).qweight._quantease_prepared[1]) for name in order]
+    for name, a, b in zip(order, anchors, anchors[1:]):
+        nxt = xprefetch.successor({"words": a})
+        assert nxt is not None and xprefetch._anchor(nxt) is b, name
+    assert xprefetch.successor({"words": anchors[-1]}) is None
