@@ -49,7 +49,13 @@ _version = 0  # bumped whenever a link forms: cached regions computed before it 
 
 def setting():
     """(mode, cap in bytes, every program issues) from $QUANTEASE_XPREFETCH; mode 0 when off."""
-    raw = (os.environ.get(ENV, "0") or "0").strip()
+    return _parse((os.environ.get(ENV, "0") or "0").strip())
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(raw):
+    """setting()'s parse, once per value: every Triton call reads the setting twice (the links in ops._forward, the
+    launch arguments in the kernel's wrapper)."""
     size, *flags = raw.split(":")
     try:
         mib = float(size)
